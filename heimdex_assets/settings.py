@@ -1,0 +1,56 @@
+"""Resources configured from environment variables, with safe defaults (listed in the README)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder, TextEmbedder
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def _secret(name: str) -> Any:
+    # Through dg.EnvVar so the value never lands in run config or the UI.
+    return dg.EnvVar(name) if _env(name) else None
+
+
+def database_from_env() -> AppDatabase:
+    """``HEIMDEX_DATABASE_URL``, or the embedded PostgreSQL when it is unset."""
+    return AppDatabase(url=_secret("HEIMDEX_DATABASE_URL"))
+
+
+def text_embedder_from_env() -> TextEmbedder:
+    """``HEIMDEX_TEXT_PROVIDER`` (auto|openai|local), ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``."""
+    return TextEmbedder(
+        provider=_env("HEIMDEX_TEXT_PROVIDER") or "auto",
+        openai_api_key=_secret("OPENAI_API_KEY"),
+        openai_base_url=_env("OPENAI_BASE_URL"),
+        openai_model=_env("HEIMDEX_OPENAI_MODEL") or "text-embedding-3-small",
+    )
+
+
+def clip_from_env() -> ClipEmbedder:
+    """``HEIMDEX_CLIP_MODEL``/``_PRETRAINED``/``_CHECKPOINT``/``_DEVICE``/``_FALLBACK``."""
+    return ClipEmbedder(
+        model_name=_env("HEIMDEX_CLIP_MODEL") or "ViT-B-32",
+        pretrained=_env("HEIMDEX_CLIP_PRETRAINED") or "openai",
+        checkpoint_path=_env("HEIMDEX_CLIP_CHECKPOINT"),
+        device=_env("HEIMDEX_CLIP_DEVICE") or "auto",
+        fallback=_env("HEIMDEX_CLIP_FALLBACK") or "tiny-random",
+    )
+
+
+def resources_from_env() -> dict[str, dg.ConfigurableResource]:
+    """Every resource the assets and sensors name, keyed by parameter name."""
+    return {
+        "db": database_from_env(),
+        "text_embedder": text_embedder_from_env(),
+        "clip": clip_from_env(),
+        "blobs": BlobStore(),
+    }
