@@ -1,0 +1,86 @@
+"""A local OpenAI-compatible embeddings server, reached through the real ``openai`` client.
+
+The only stand-in in the suite: it replaces the paid API. Tests script its answers (429 with
+Retry-After, 500, 400 for inputs over a length) and read back every request it received.
+"""
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+
+def fake_vector(text: str, dimension: int = 1536) -> np.ndarray:
+    """The deterministic (not normalised) vector the server returns for ``text``."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).normal(size=dimension).astype(np.float32) * 3
+
+
+@dataclass
+class FakeOpenAI:
+    """Scripted failures are served first, in order; then every request succeeds."""
+
+    max_input_chars: int | None = None
+    script: list[tuple[int, dict]] = field(default_factory=list)
+    requests: list[dict] = field(default_factory=list)
+    headers: list[dict] = field(default_factory=list)
+    url: str = ""
+
+    def start(self) -> "FakeOpenAI":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(body)
+                fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+                inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                if fake.script:
+                    status, extra_headers = fake.script.pop(0)
+                    return self._send(
+                        status, {"error": {"message": f"scripted {status}", "type": "x"}}, extra_headers
+                    )
+                if fake.max_input_chars and any(len(t) > fake.max_input_chars for t in inputs):
+                    message = (
+                        "This model's maximum context length is 8192 tokens, however you requested "
+                        "9000 tokens. Please reduce your prompt."
+                    )
+                    return self._send(400, {"error": {"message": message, "type": "invalid_request_error"}})
+                data = [
+                    {"object": "embedding", "index": i, "embedding": fake_vector(t).tolist()}
+                    for i, t in enumerate(inputs)
+                ]
+                self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": data,
+                        "model": body["model"],
+                        "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                    },
+                )
+
+            def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+                raw = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/v1"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

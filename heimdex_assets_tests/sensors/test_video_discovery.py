@@ -1,0 +1,70 @@
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+from sqlalchemy import select
+
+from heimdex_assets.db.failures import FailedItem, record_failures
+from heimdex_assets.db.tables import embedding_failures, videos
+from heimdex_assets.sensors import video_discovery_sensor
+from heimdex_assets.sensors.video_discovery import plan_video_partitions
+
+
+def tick(instance, db):
+    with dg.build_sensor_context(instance=instance, resources={"db": db}) as context:
+        result = video_discovery_sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        if isinstance(request, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    return result
+
+
+def test_ready_videos_become_partitions_sorted_by_owner_then_creation(db, rows, instance):
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    owner_b, owner_a = sorted([rows.owner("x"), rows.owner("y")], reverse=True)
+    late_a = rows.video(owner_a, 0, created_at=base + timedelta(days=2))
+    early_a = rows.video(owner_a, 0, created_at=base)
+    early_b = rows.video(owner_b, 0, created_at=base - timedelta(days=1))
+    rows.video(owner_a, 0, status="PROCESSING")
+    rows.video(owner_b, 0, status="UPLOADING")
+
+    result = tick(instance, db)
+
+    (request,) = result.dynamic_partitions_requests
+    assert list(request.partition_keys) == [str(early_a), str(late_a), str(early_b)]
+    assert instance.get_dynamic_partitions("videos") == [str(early_a), str(late_a), str(early_b)]
+    again = tick(instance, db)  # nothing new: no request
+    assert not again.dynamic_partitions_requests
+
+
+def test_at_most_the_cap_is_added_per_tick(db, rows):
+    owner = rows.owner()
+    made = [str(rows.video(owner, 0)) for _ in range(5)]
+    with db.engine.connect() as conn:
+        first, _ = plan_video_partitions(conn, set(), limit=2)
+        second, _ = plan_video_partitions(conn, set(first), limit=2)
+        third, _ = plan_video_partitions(conn, set(first + second), limit=2)
+    assert first + second + third == made
+    assert len(third) == 1
+
+
+def test_deleted_videos_lose_their_partition_and_failure_records(db, rows, instance):
+    owner = rows.owner()
+    keep, gone = rows.video(owner, 1), rows.video(owner, 1)
+    tick(instance, db)
+    with db.transaction() as conn:
+        record_failures(
+            conn, "scene_clip", "v", "m", [FailedItem(str(uuid.uuid4()), owner, gone, "h", "bad")]
+        )
+        conn.execute(videos.delete().where(videos.c.id == gone))
+    result = tick(instance, db)
+    deletes = [
+        r for r in result.dynamic_partitions_requests if isinstance(r, dg.DeleteDynamicPartitionsRequest)
+    ]
+    assert [list(r.partition_keys) for r in deletes] == [[str(gone)]]
+    assert instance.get_dynamic_partitions("videos") == [str(keep)]
+    with db.engine.connect() as conn:
+        assert conn.execute(select(embedding_failures)).all() == []
