@@ -40,7 +40,10 @@ def database_url() -> Iterator[str]:
         yield url
         return
     server = EmbeddedPostgres(data_dir=STATE_DIR / "postgres", port=TEST_PG_PORT, database="heimdex_test")
+    was_running = server.is_ready()
     yield server.ensure_running()
+    if not was_running:  # leave the machine as we found it
+        server.stop()
 
 
 @pytest.fixture
@@ -75,9 +78,7 @@ def clip(tiny_clip_checkpoint: Path) -> ClipEmbedder:
     """CLIP loaded through the product's checkpoint path; no fallback allowed."""
     from heimdex_assets.resources.clip_embedder import TINY_MODEL
 
-    return ClipEmbedder(
-        model_name=TINY_MODEL, checkpoint_path=str(tiny_clip_checkpoint), fallback="none", device="cpu"
-    )
+    return ClipEmbedder(model_name=TINY_MODEL, checkpoint_path=str(tiny_clip_checkpoint), fallback="none", device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -103,9 +104,7 @@ def render_thumbnail(path: Path, seed: int) -> str:
     draw = ImageDraw.Draw(image)
     for _ in range(4):
         x, y = (int(v) for v in rng.integers(0, 80, 2))
-        draw.rectangle(
-            [x, y % 60, x + 15, (y % 60) + 10], fill=tuple(int(c) for c in rng.integers(0, 255, 3))
-        )
+        draw.rectangle([x, y % 60, x + 15, (y % 60) + 10], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -162,7 +161,7 @@ class SourceRows:
             "scene_index": index,
             "start_s": index * 10.0,
             "end_s": index * 10.0 + 9.5,
-            "transcript": f"In scene {index} the narrator explains how the tide turns near harbour {self._n}.",
+            "transcript": f"In scene {index} the narrator explains how the tide turns at harbour {self._n}.",
             "visual_description": f"A wide shot of boats number {self._n} at dawn.",
             "tags": ["boats", "harbour", f"t{self._n}"],
             "summary": None,
@@ -206,6 +205,4 @@ def materialize_videos(
         "dagster/asset_partition_range_start": keys[0],
         "dagster/asset_partition_range_end": keys[-1],
     }
-    return dg.materialize(
-        assets, resources=resources, instance=instance, tags=run_tags, raise_on_error=raise_on_error
-    )
+    return dg.materialize(assets, resources=resources, instance=instance, tags=run_tags, raise_on_error=raise_on_error)

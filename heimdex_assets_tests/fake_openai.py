@@ -43,9 +43,7 @@ class FakeOpenAI:
                 inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
                 if fake.script:
                     status, extra_headers = fake.script.pop(0)
-                    return self._send(
-                        status, {"error": {"message": f"scripted {status}", "type": "x"}}, extra_headers
-                    )
+                    return self._send(status, {"error": {"message": f"scripted {status}", "type": "x"}}, extra_headers)
                 if fake.max_input_chars and any(len(t) > fake.max_input_chars for t in inputs):
                     message = (
                         "This model's maximum context length is 8192 tokens, however you requested "

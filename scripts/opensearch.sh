@@ -7,7 +7,9 @@
 set -euo pipefail
 shopt -s nullglob
 
-CACHE_DIR="$(realpath -m "${HEIMDEX_CACHE_DIR:-$HOME/.cache/heimdex}")"
+# As root, the cache sits outside /root (mode 700), which the service user could not enter.
+if [[ "$(id -u)" -eq 0 ]]; then default_cache=/var/cache/heimdex; else default_cache="$HOME/.cache/heimdex"; fi
+CACHE_DIR="$(realpath -m "${HEIMDEX_CACHE_DIR:-$default_cache}")"
 PORT="${HEIMDEX_OPENSEARCH_PORT:-9250}"
 TRANSPORT_PORTS="$((PORT + 100))-$((PORT + 149))"
 VERSIONS="${HEIMDEX_OPENSEARCH_VERSION:-2.19.6 2.19.5 2.19.4 2.19.3 2.19.2 2.19.1 2.19.0}"

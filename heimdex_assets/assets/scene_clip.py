@@ -88,9 +88,7 @@ def scene_clip_embeddings(
         return not force and row is not None and row.model_id == model_id and row.input_sha256 == t.sha256
 
     to_embed = [t for t in loaded if t.error is None and not unchanged(t)]
-    vectors = dict(
-        zip((t.scene.id for t in to_embed), clip.embed_tensors([t.tensor for t in to_embed]), strict=True)
-    )
+    vectors = dict(zip((t.scene.id for t in to_embed), clip.embed_tensors([t.tensor for t in to_embed]), strict=True))
 
     rows_of: dict[uuid.UUID, list[dict]] = {v: [] for v in run.scenes_of}
     failed_of: dict[uuid.UUID, list[FailedItem]] = {v: [] for v in run.scenes_of}

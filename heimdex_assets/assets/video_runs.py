@@ -60,9 +60,7 @@ class VideoRun:
         """Raise once the good partitions are written, naming every key that could not be done."""
         if self.rejected:
             listed = "; ".join(f"{k}: {why}" for k, why in sorted(self.rejected.items()))
-            raise dg.Failure(
-                description=f"{len(self.rejected)} partition(s) could not be processed: {listed}"
-            )
+            raise dg.Failure(description=f"{len(self.rejected)} partition(s) could not be processed: {listed}")
 
 
 def run_flag(context: dg.AssetExecutionContext, tag: str) -> bool:
@@ -80,9 +78,7 @@ def load_video_run(conn: Connection, keys: Sequence[str], owner_scope: str | Non
         except InvalidIdError as exc:
             run.rejected[key] = str(exc)
     scope = uuid.UUID(owner_scope) if owner_scope else None
-    found = conn.execute(
-        select(videos.c.id, videos.c.owner_id, videos.c.status).where(videos.c.id.in_(list(ids)))
-    )
+    found = conn.execute(select(videos.c.id, videos.c.owner_id, videos.c.status).where(videos.c.id.in_(list(ids))))
     seen = set()
     for video_id, owner_id, status in found:
         seen.add(video_id)

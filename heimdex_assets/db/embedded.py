@@ -71,13 +71,14 @@ class EmbeddedPostgres:
             cmd = ["runuser", "-u", SERVICE_USER, "--", *cmd]
         return subprocess.run(cmd, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
-    def _is_ready(self) -> bool:
+    def is_ready(self) -> bool:
+        """Whether a server answers on the port."""
         return self._run("pg_isready", "-q", "-h", "127.0.0.1", "-p", str(self.port)).returncode == 0
 
     def ensure_running(self) -> str:
         """Initialise the cluster if needed, start it if not running, create the database; the URL."""
         pgdata = self.data_dir / "pgdata"
-        if not self._is_ready():
+        if not self.is_ready():
             self.data_dir.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
                 user = ensure_service_user()
@@ -97,14 +98,10 @@ class EmbeddedPostgres:
                     raise RuntimeError(f"initdb failed in {pgdata}: {done.stderr.strip()[-500:]}")
             log = self.data_dir / "postgres.log"
             opts = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c max_connections=200 -c fsync=on"
-            done = self._run(
-                "pg_ctl", "-D", str(pgdata), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"
-            )
-            if done.returncode != 0 and not self._is_ready():
+            done = self._run("pg_ctl", "-D", str(pgdata), "-l", str(log), "-o", opts, "-w", "-t", "60", "start")
+            if done.returncode != 0 and not self.is_ready():
                 tail = log.read_text(errors="replace")[-800:] if log.exists() else done.stderr
-                raise RuntimeError(
-                    f"embedded PostgreSQL did not start on 127.0.0.1:{self.port}: {tail.strip()}"
-                )
+                raise RuntimeError(f"embedded PostgreSQL did not start on 127.0.0.1:{self.port}: {tail.strip()}")
         self._ensure_database()
         return self.url
 
@@ -127,7 +124,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown); a stopped server is left as it is."""
-        if self._is_ready():
+        if self.is_ready():
             self._run("pg_ctl", "-D", str(self.data_dir / "pgdata"), "-m", "fast", "-w", "stop")
 
 

@@ -36,11 +36,7 @@ def redact(url: str) -> str:
 
 def _reason(exc: BaseException, url: str) -> str:
     """The driver's message, first line only, with any password scrubbed out."""
-    message = (
-        str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        if str(exc).strip()
-        else type(exc).__name__
-    )
+    message = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     password = make_url(url).password
     return message.replace(str(password), "***") if password else message
 

@@ -23,9 +23,7 @@ class FailedItem:
     reason: str
 
 
-def record_failures(
-    conn: Connection, step: str, version: str, model_id: str, items: Iterable[FailedItem]
-) -> None:
+def record_failures(conn: Connection, step: str, version: str, model_id: str, items: Iterable[FailedItem]) -> None:
     """Upsert failures; a repeat failure of the same input counts one more attempt."""
     rows = [
         {

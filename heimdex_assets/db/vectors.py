@@ -15,10 +15,7 @@ def upsert_vectors(conn: Connection, table: Table, rows: list[dict[str, Any]], k
         return
     stmt = insert(table)
     changed = or_(
-        *(
-            table.c[col].is_distinct_from(stmt.excluded[col])
-            for col in ("model_id", "input_sha256", "embedding")
-        )
+        *(table.c[col].is_distinct_from(stmt.excluded[col]) for col in ("model_id", "input_sha256", "embedding"))
     )
     updates = {col: stmt.excluded[col] for col in rows[0] if col not in key}
     updates["created_at"] = stmt.excluded.created_at

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +51,26 @@ class LoadedClip:
         )
 
 
+HUB_HOST = "huggingface.co"
+
+
+def _go_offline_if_hub_unreachable() -> None:
+    """Without a route to the model hub, a lookup retries for about 45 s before failing: probe first
+    (DNS + TCP, 3 s) and switch the hub client to offline mode, which still finds cached weights."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            from huggingface_hub import constants
+
+            constants.HF_HUB_OFFLINE = True  # already imported by another library: read at call time
+        except ImportError:
+            pass
+
+
 def _pick_device(device: str) -> str:
     import torch
 
@@ -81,12 +103,12 @@ def load_clip(
             # The weights' hash is in the id, so new weights under the same path make vectors stale.
             model_id = f"open_clip:{model_name}@sha256:{file_sha256(path)[:16]}"
         else:
+            if pretrained and not Path(pretrained).is_file():
+                _go_offline_if_hub_unreachable()
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, device=device, require_pretrained=bool(pretrained)
             )
-            model_id = (
-                f"open_clip:{model_name}/{pretrained}" if pretrained else f"open_clip:{model_name}/random"
-            )
+            model_id = f"open_clip:{model_name}/{pretrained}" if pretrained else f"open_clip:{model_name}/random"
         reason = None
         tokenizer_name = model_name
     except Exception as exc:

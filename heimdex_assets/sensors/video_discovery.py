@@ -48,9 +48,7 @@ def video_discovery_sensor(context: dg.SensorEvaluationContext, db: AppDatabase)
         if to_delete:
             # Vectors went with their scenes (foreign keys); failure records have none.
             conn.execute(
-                delete(embedding_failures).where(
-                    embedding_failures.c.video_id.in_([uuid.UUID(k) for k in to_delete])
-                )
+                delete(embedding_failures).where(embedding_failures.c.video_id.in_([uuid.UUID(k) for k in to_delete]))
             )
     requests = []
     if to_add:

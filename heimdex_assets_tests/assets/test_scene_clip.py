@@ -87,9 +87,7 @@ def test_a_changed_thumbnail_is_re_embedded(db, rows, resources, instance, tmp_p
     sha = render_thumbnail(new_thumb, 999)
     with db.transaction() as conn:
         conn.execute(
-            update(scenes)
-            .where(scenes.c.id == target)
-            .values(thumbnail_uri=str(new_thumb), thumbnail_sha256=sha)
+            update(scenes).where(scenes.c.id == target).values(thumbnail_uri=str(new_thumb), thumbnail_sha256=sha)
         )
     materialize_videos([scene_clip_embeddings], [str(video)], resources, instance)
     after = {r["scene_id"]: r for r in clip_rows(db)}

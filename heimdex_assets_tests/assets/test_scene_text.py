@@ -75,9 +75,7 @@ def test_same_text_is_embedded_once_and_reused_from_the_cache(db, rows, resource
     owner = rows.owner()
     video = rows.video(owner, n_scenes=0)
     for i in range(3):
-        rows.scene(
-            video, owner, i, transcript="Exactly the same words.", visual_description=f"view {i}", tags=[]
-        )
+        rows.scene(video, owner, i, transcript="Exactly the same words.", visual_description=f"view {i}", tags=[])
     result = materialize_videos([scene_text_embeddings], [str(video)], resources, instance)
     meta = result.asset_materializations_for_node("scene_text_embeddings")[0].metadata
     assert meta["texts_embedded"].value == 4  # one transcript + three visual texts
@@ -143,9 +141,7 @@ def test_owner_isolation_other_owners_rows_stay_byte_identical(db, rows, resourc
             ]
 
     before = b_state()
-    materialize_videos(
-        assets, a_videos, resources, instance, tags={OWNER_SCOPE_TAG: str(a), "heimdex/force": "true"}
-    )
+    materialize_videos(assets, a_videos, resources, instance, tags={OWNER_SCOPE_TAG: str(a), "heimdex/force": "true"})
     assert b_state() == before
     assert {r["owner_id"] for r in text_rows(db)} == {a, b}
 
@@ -154,9 +150,7 @@ def test_a_video_outside_the_runs_owner_scope_is_refused(db, rows, resources, in
     a, b = rows.owner("a"), rows.owner("b")
     mine, theirs = str(rows.video(a, n_scenes=1)), str(rows.video(b, n_scenes=1))
     with pytest.raises((Failure, DagsterExecutionStepExecutionError)) as err:
-        materialize_videos(
-            [scene_text_embeddings], [mine, theirs], resources, instance, tags={OWNER_SCOPE_TAG: str(a)}
-        )
+        materialize_videos([scene_text_embeddings], [mine, theirs], resources, instance, tags={OWNER_SCOPE_TAG: str(a)})
     assert f"video {theirs} is not in the scope of owner {a}" in str(err.value)
     assert {r["video_id"] for r in text_rows(db)} == {uuid.UUID(mine)}  # the in-scope video was done
 

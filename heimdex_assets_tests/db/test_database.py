@@ -65,9 +65,6 @@ def test_malformed_ids_are_rejected_with_the_value(value):
 
 
 def test_partition_keys_must_be_canonical():
-    assert (
-        str(parse_partition_key("3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70"))
-        == "3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70"
-    )
+    assert str(parse_partition_key("3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70")) == "3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70"
     with pytest.raises(InvalidIdError, match="not canonical"):
         parse_partition_key("{3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70}")

@@ -56,14 +56,10 @@ def test_deleted_videos_lose_their_partition_and_failure_records(db, rows, insta
     keep, gone = rows.video(owner, 1), rows.video(owner, 1)
     tick(instance, db)
     with db.transaction() as conn:
-        record_failures(
-            conn, "scene_clip", "v", "m", [FailedItem(str(uuid.uuid4()), owner, gone, "h", "bad")]
-        )
+        record_failures(conn, "scene_clip", "v", "m", [FailedItem(str(uuid.uuid4()), owner, gone, "h", "bad")])
         conn.execute(videos.delete().where(videos.c.id == gone))
     result = tick(instance, db)
-    deletes = [
-        r for r in result.dynamic_partitions_requests if isinstance(r, dg.DeleteDynamicPartitionsRequest)
-    ]
+    deletes = [r for r in result.dynamic_partitions_requests if isinstance(r, dg.DeleteDynamicPartitionsRequest)]
     assert [list(r.partition_keys) for r in deletes] == [[str(gone)]]
     assert instance.get_dynamic_partitions("videos") == [str(keep)]
     with db.engine.connect() as conn:
