@@ -29,7 +29,8 @@ TEST_PG_PORT = int(os.environ.get("HEIMDEX_TEST_PG_PORT", "55432"))
 STATE_DIR = Path(os.environ.get("HEIMDEX_TEST_STATE_DIR", Path(tempfile.gettempdir()) / "heimdex-test"))
 ALL_TABLES = (
     "owners, videos, scenes, persons, person_reference_photos, scene_text_vectors, scene_clip_vectors, "
-    "text_embedding_cache, embedding_failures"
+    "text_embedding_cache, embedding_failures, scene_person_vectors, scene_person_scans, person_photo_vectors, "
+    "person_query_vectors, scene_search_documents"
 )
 
 

@@ -136,3 +136,77 @@ embedding_failures = Table(
     Column("attempts", Integer, nullable=False),
     Column("failed_at", DateTime(timezone=True)),
 )
+
+scene_person_vectors = Table(
+    "scene_person_vectors",
+    metadata,
+    Column("scene_id", Uuid, primary_key=True),
+    Column("step_version", Text, primary_key=True),
+    Column("detection_index", Integer, primary_key=True),
+    Column("video_id", Uuid, nullable=False),
+    Column("owner_id", Uuid, nullable=False),
+    Column("model_id", Text, nullable=False),
+    Column("input_sha256", Text, nullable=False),
+    Column("detector", Text, nullable=False),
+    Column("box_x", Integer, nullable=False),
+    Column("box_y", Integer, nullable=False),
+    Column("box_w", Integer, nullable=False),
+    Column("box_h", Integer, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("dimension", Integer, nullable=False),
+    Column("embedding", Vector(), nullable=False),
+    Column("created_at", DateTime(timezone=True)),
+)
+
+scene_person_scans = Table(
+    "scene_person_scans",
+    metadata,
+    Column("scene_id", Uuid, primary_key=True),
+    Column("step_version", Text, primary_key=True),
+    Column("video_id", Uuid, nullable=False),
+    Column("owner_id", Uuid, nullable=False),
+    Column("model_id", Text, nullable=False),
+    Column("input_sha256", Text, nullable=False),
+    Column("detections", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True)),
+)
+
+person_photo_vectors = Table(
+    "person_photo_vectors",
+    metadata,
+    Column("photo_id", Uuid, primary_key=True),
+    Column("step_version", Text, primary_key=True),
+    Column("person_id", Uuid, nullable=False),
+    Column("owner_id", Uuid, nullable=False),
+    Column("model_id", Text, nullable=False),
+    Column("input_sha256", Text, nullable=False),
+    Column("dimension", Integer, nullable=False),
+    Column("embedding", Vector(), nullable=False),
+    Column("created_at", DateTime(timezone=True)),
+)
+
+person_query_vectors = Table(
+    "person_query_vectors",
+    metadata,
+    Column("person_id", Uuid, primary_key=True),
+    Column("step_version", Text, primary_key=True),
+    Column("owner_id", Uuid, nullable=False),
+    Column("model_id", Text, nullable=False),
+    Column("input_sha256", Text, nullable=False),
+    Column("photo_count", Integer, nullable=False),
+    Column("dimension", Integer, nullable=False),
+    Column("embedding", Vector(), nullable=False),
+    Column("created_at", DateTime(timezone=True)),
+)
+
+scene_search_documents = Table(
+    "scene_search_documents",
+    metadata,
+    Column("scene_id", Uuid, primary_key=True),
+    Column("step_version", Text, primary_key=True),
+    Column("video_id", Uuid, nullable=False),
+    Column("owner_id", Uuid, nullable=False),
+    Column("index_name", Text, nullable=False),
+    Column("input_sha256", Text, nullable=False),
+    Column("indexed_at", DateTime(timezone=True)),
+)
