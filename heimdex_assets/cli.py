@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 
 from sqlalchemy import func, select
@@ -24,6 +25,7 @@ from heimdex_assets.db.tables import (
     videos,
 )
 from heimdex_assets.partitions import InvalidIdError
+from heimdex_assets.search import SearchError
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION, SPEC
 
 DEMO_ASSETS = ("scene_text_embeddings", "scene_clip_embeddings")
@@ -167,6 +169,60 @@ def _print_demo(summary: dict) -> None:
     print(f"  time taken       {summary['seconds']} s")
 
 
+def search(args: argparse.Namespace) -> dict:
+    """Search one owner's scenes: lexical, semantic or hybrid, optionally ranked by a person."""
+    from heimdex_assets.partitions import canonical_uuid
+    from heimdex_assets.search import search_scenes
+    from heimdex_assets.settings import resources_from_env
+
+    owner_id = uuid.UUID(canonical_uuid(args.owner_id, "owner id"))
+    person_id = uuid.UUID(canonical_uuid(args.person_id, "person id")) if args.person_id else None
+    resources = resources_from_env()
+    results = search_scenes(
+        resources["db"],
+        owner_id,
+        " ".join(args.query),
+        mode=args.mode,
+        person_id=person_id,
+        limit=args.limit,
+        text_embedder=resources["text_embedder"],
+        clip=resources["clip"],
+        search_index=resources["search_index"],
+    )
+    return {
+        "owner_id": str(owner_id),
+        "query": " ".join(args.query),
+        "mode": args.mode,
+        "person_id": str(person_id) if person_id else None,
+        "results": [
+            {
+                "video_id": str(r.video_id),
+                "scene_id": str(r.scene_id),
+                "scene_index": r.scene_index,
+                "start_s": r.start_s,
+                "end_s": r.end_s,
+                "score": r.score,
+                "ranks": r.ranks,
+                "snippet": r.snippet,
+            }
+            for r in results
+        ],
+    }
+
+
+def _print_search(result: dict) -> None:
+    hits = result["results"]
+    if not hits:
+        print("no results")
+        return
+    for i, r in enumerate(hits, start=1):
+        print(
+            f"{i:>2}. video {r['video_id']} scene {r['scene_index']:>3} "
+            f"[{r['start_s']:.1f}s-{r['end_s']:.1f}s] score {r['score']:.4f}"
+        )
+        print(f"    {r['snippet']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heimdex", description="Heimdex Assets: embeddings kept in step with the spec."
@@ -177,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=10, help="scenes per video")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=demo, printer=_print_demo)
+
+    p = sub.add_parser("search", help="search one owner's scenes")
+    p.add_argument("query", nargs="*", help="words to search for (optional with --person-id)")
+    p.add_argument("--owner-id", required=True)
+    p.add_argument("--mode", choices=["lexical", "semantic", "hybrid"], default="hybrid")
+    p.add_argument("--person-id", help="rank scenes by how much their people look like this person")
+    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=search, printer=_print_search)
     return parser
 
 
@@ -187,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = args.handler(args)
-    except (CliError, DatabaseUnavailableError, InvalidIdError) as exc:
+    except (CliError, DatabaseUnavailableError, InvalidIdError, SearchError) as exc:
         print(f"heimdex: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -182,6 +182,13 @@ class ClipEmbedder(dg.ConfigurableResource):
     def dimension(self) -> int:
         return self._loaded().dimension
 
+    @property
+    def is_placeholder(self) -> bool:
+        """True for random weights (the tiny fallback, the ``heimdex-tiny`` test architecture, no
+        pretrained tag): fine for image-to-image plumbing, meaningless for text-to-image ranking."""
+        model_id = self.model_id
+        return model_id == TINY_RANDOM_MODEL_ID or model_id.endswith("/random") or self.model_name == TINY_MODEL
+
     def preprocess(self, image: Image.Image) -> Any:
         """The model's input tensor for one image (CPU; safe to call from worker threads)."""
         return self._loaded().preprocess(image.convert("RGB"))

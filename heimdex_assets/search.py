@@ -1,0 +1,220 @@
+"""The search read path: lexical (BM25), semantic (pgvector), hybrid (RRF) and person ranking.
+
+Every query is filtered by owner at every stage, and results are hydrated from ``scenes`` with
+the owner filter again: a scene of another owner can never come back, whatever an index holds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from sqlalchemy import Connection, Table, bindparam, select, text
+
+from heimdex_assets.db.tables import (
+    person_query_vectors,
+    persons,
+    scene_clip_vectors,
+    scene_person_vectors,
+    scene_text_vectors,
+    scenes,
+)
+from heimdex_assets.spec import SPEC
+
+Mode = Literal["lexical", "semantic", "hybrid"]
+RRF_K = 60
+SEMANTIC_CHANNELS = ("transcript", "visual")
+
+
+class SearchError(ValueError):
+    """A query that cannot be answered (unknown person, person of another owner, empty query)."""
+
+
+@dataclass
+class SearchResult:
+    """One scene found, with the ranks it had in each list that was fused."""
+
+    scene_id: uuid.UUID
+    video_id: uuid.UUID
+    scene_index: int
+    start_s: float
+    end_s: float
+    score: float
+    snippet: str
+    ranks: dict[str, int] = field(default_factory=dict)
+
+
+def reciprocal_rank_fusion(rankings: dict[str, Sequence[uuid.UUID]], k: int = RRF_K) -> list[tuple[uuid.UUID, float]]:
+    """Scenes ordered by the sum of 1/(k + rank) over the lists they appear in (ties: first seen)."""
+    scores: dict[uuid.UUID, float] = {}
+    for ranked in rankings.values():
+        for rank, scene_id in enumerate(ranked, start=1):
+            scores[scene_id] = scores.get(scene_id, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda item: -item[1])
+
+
+def nearest_scenes(
+    conn: Connection,
+    table: Table,
+    owner_id: uuid.UUID,
+    query: np.ndarray,
+    *,
+    version: str,
+    model_id: str,
+    limit: int,
+    channels: Sequence[str] | None = None,
+) -> list[uuid.UUID]:
+    """Scenes of ``owner_id`` nearest to ``query`` by cosine distance (best row per scene).
+
+    The vector is cast to its fixed dimension so the partial HNSW index of that dimension can
+    serve the query; iterative scans keep the owner filter from starving the result.
+    """
+    dim = int(query.shape[0])
+    conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+    channel_filter = "AND channel = ANY(:channels)" if channels else ""
+    stmt = text(
+        f"""
+        SELECT scene_id, min(distance) AS distance FROM (
+            SELECT scene_id, (embedding::vector({dim})) <=> CAST(:q AS vector({dim})) AS distance
+            FROM {table.name}
+            WHERE owner_id = :owner AND step_version = :version AND model_id = :model AND dimension = {dim}
+            {channel_filter}
+            ORDER BY distance
+            LIMIT :fetch
+        ) nearest GROUP BY scene_id ORDER BY distance, scene_id LIMIT :limit
+        """
+    )
+    params = {
+        "q": "[" + ",".join(f"{x:.7g}" for x in query.tolist()) + "]",
+        "owner": owner_id,
+        "version": version,
+        "model": model_id,
+        "fetch": limit * 8,
+        "limit": limit,
+    }
+    if channels:
+        params["channels"] = list(channels)
+    return [row.scene_id for row in conn.execute(stmt, params)]
+
+
+def person_query_vector(conn: Connection, owner_id: uuid.UUID, person_id: uuid.UUID) -> tuple[np.ndarray, str]:
+    """The person's query vector and its model; SearchError if the person is not the owner's."""
+    owner = conn.execute(select(persons.c.owner_id).where(persons.c.id == person_id)).scalar()
+    if owner is None or owner != owner_id:
+        # Same message for "absent" and "another owner's": existence is not leaked across tenants.
+        raise SearchError(f"person {person_id} not found for owner {owner_id}")
+    row = conn.execute(
+        select(person_query_vectors.c.embedding, person_query_vectors.c.model_id).where(
+            person_query_vectors.c.person_id == person_id,
+            person_query_vectors.c.owner_id == owner_id,
+            person_query_vectors.c.step_version == SPEC.step("person_query").version,
+        )
+    ).first()
+    if row is None:
+        raise SearchError(f"person {person_id} has no query vector yet (no READY reference photo?)")
+    return np.asarray(row.embedding, dtype=np.float32), row.model_id
+
+
+def _snippet(transcript: str | None, query: str, width: int = 160) -> str:
+    body = " ".join((transcript or "").split())
+    words = [w.lower() for w in query.split() if len(w) > 2]
+    lowered = body.lower()
+    hits = [lowered.find(w) for w in words if lowered.find(w) >= 0]
+    start = max(0, min(hits) - width // 3) if hits else 0
+    piece = body[start : start + width]
+    return ("…" if start else "") + piece + ("…" if start + width < len(body) else "")
+
+
+def hydrate(
+    conn: Connection, owner_id: uuid.UUID, fused: list[tuple[uuid.UUID, float]], rankings: dict, query: str
+) -> list[SearchResult]:
+    """Scene rows for the fused ids, owner-filtered again, in fused order."""
+    if not fused:
+        return []
+    ids = [scene_id for scene_id, _ in fused]
+    rows = {
+        r.id: r
+        for r in conn.execute(
+            select(scenes).where(scenes.c.id.in_(bindparam("ids", expanding=True)), scenes.c.owner_id == owner_id),
+            {"ids": ids},
+        )
+    }
+    results = []
+    for scene_id, score in fused:
+        r = rows.get(scene_id)
+        if r is None:  # deleted since indexing, or (never) another owner's
+            continue
+        ranks = {name: ranked.index(scene_id) + 1 for name, ranked in rankings.items() if scene_id in ranked}
+        results.append(
+            SearchResult(
+                scene_id,
+                r.video_id,
+                r.scene_index,
+                r.start_s,
+                r.end_s,
+                round(score, 6),
+                _snippet(r.transcript, query),
+                ranks,
+            )
+        )
+    return results
+
+
+def search_scenes(
+    db: object,
+    owner_id: uuid.UUID,
+    query: str,
+    *,
+    mode: Mode = "hybrid",
+    person_id: uuid.UUID | None = None,
+    limit: int = 10,
+    text_embedder: object | None = None,
+    clip: object | None = None,
+    search_index: object | None = None,
+) -> list[SearchResult]:
+    """The owner's scenes that best match ``query`` (and/or show ``person_id``), best first."""
+    query = (query or "").strip()
+    if not query and person_id is None:
+        raise SearchError("empty query: give words to search for, or --person-id")
+    rankings: dict[str, list[uuid.UUID]] = {}
+    depth = max(limit * 3, 30)
+    if query and mode in ("lexical", "hybrid"):
+        rankings["bm25"] = [uuid.UUID(str(h.scene_id)) for h in search_index.search(owner_id, query, depth)]
+    with db.engine.begin() as conn:
+        if query and mode in ("semantic", "hybrid"):
+            rankings["text"] = nearest_scenes(
+                conn,
+                scene_text_vectors,
+                owner_id,
+                text_embedder.embed_texts([query]).vectors[0],
+                version=SPEC.step("scene_text").version,
+                model_id=text_embedder.model_id,
+                limit=depth,
+                channels=SEMANTIC_CHANNELS,
+            )
+            if not clip.is_placeholder:  # random CLIP weights cannot rank text against images
+                rankings["clip"] = nearest_scenes(
+                    conn,
+                    scene_clip_vectors,
+                    owner_id,
+                    clip.embed_texts([query])[0],
+                    version=SPEC.step("scene_clip").version,
+                    model_id=clip.model_id,
+                    limit=depth,
+                )
+        if person_id is not None:
+            vector, model_id = person_query_vector(conn, owner_id, person_id)
+            rankings["person"] = nearest_scenes(
+                conn,
+                scene_person_vectors,
+                owner_id,
+                vector,
+                version=SPEC.step("scene_person").version,
+                model_id=model_id,
+                limit=depth,
+            )
+        fused = reciprocal_rank_fusion(rankings)[:limit]
+        return hydrate(conn, owner_id, fused, rankings, query)
