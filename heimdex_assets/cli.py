@@ -223,6 +223,40 @@ def _print_search(result: dict) -> None:
         print(f"    {r['snippet']}")
 
 
+def status(args: argparse.Namespace) -> dict:
+    """Per asset: partitions fresh / stale / missing / failed, with the versions and models in force."""
+    from heimdex_assets.freshness import STATUS_ASSETS, summarize, video_partition_states
+    from heimdex_assets.settings import resources_from_env
+
+    resources = resources_from_env()
+    models = {"scene_text_embeddings": resources["text_embedder"].model_id}
+    models["scene_clip_embeddings"] = resources["clip"].model_id
+    assets = {}
+    with resources["db"].engine.connect() as conn:
+        for asset_key in STATUS_ASSETS:
+            states = video_partition_states(conn, asset_key, models[asset_key])
+            step = SPEC.step_for_asset(asset_key)
+            assets[asset_key] = {
+                "step_version": step.version,
+                "model_id": models[asset_key],
+                "partitions": summarize(states),
+                "stale_items": sum(s.stale_items for s in states.values()),
+                "failed_items": sum(s.failed_items for s in states.values()),
+            }
+    return {"spec_version": LATEST_EMBEDDING_SPEC_VERSION, "assets": assets}
+
+
+def _print_status(result: dict) -> None:
+    print(f"embedding spec {result['spec_version']}")
+    print(f"{'asset':<26} {'version':<11} {'fresh':>6} {'stale':>6} {'missing':>8} {'failed':>7}  model")
+    for asset_key, a in result["assets"].items():
+        p = a["partitions"]
+        print(
+            f"{asset_key:<26} {a['step_version']:<11} {p['fresh']:>6} {p['stale']:>6} {p['missing']:>8} "
+            f"{p['failed']:>7}  {a['model_id']}"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heimdex", description="Heimdex Assets: embeddings kept in step with the spec."
@@ -233,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=10, help="scenes per video")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=demo, printer=_print_demo)
+
+    p = sub.add_parser("status", help="partitions fresh / stale / missing / failed per asset")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=status, printer=_print_status)
 
     p = sub.add_parser("search", help="search one owner's scenes")
     p.add_argument("query", nargs="*", help="words to search for (optional with --person-id)")
