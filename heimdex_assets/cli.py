@@ -8,27 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
-
 from heimdex_assets.db.engine import DatabaseUnavailableError
-from heimdex_assets.db.tables import (
-    embedding_failures,
-    scene_clip_vectors,
-    scene_text_vectors,
-    scenes,
-    videos,
-)
 from heimdex_assets.partitions import InvalidIdError
 from heimdex_assets.search import SearchError
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION, SPEC
-
-DEMO_ASSETS = ("scene_text_embeddings", "scene_clip_embeddings")
 
 
 class CliError(Exception):
@@ -45,128 +32,37 @@ def _progress(done: int, total: int, label: str) -> None:
 
 
 def demo(args: argparse.Namespace) -> dict:
-    """Load the sample corpus into the configured database and materialise the assets for it."""
-    from heimdex_assets.assets import EMBEDDING_ASSETS
-    from heimdex_assets.demo import build_corpus, load_corpus
-    from heimdex_assets.launch import contiguous_ranges, dagster_instance, materialize_ranges, media_dir
-    from heimdex_assets.partitions import videos_partitions
-    from heimdex_assets.sensors.video_discovery import plan_video_partitions
-    from heimdex_assets.settings import resources_from_env
+    """Load the sample corpus into the configured database and materialise every asset for it."""
+    from heimdex_assets.demo.run import DemoError, run_demo
 
-    started = time.monotonic()
-    resources = resources_from_env()
-    db = resources["db"]
-    embedded = not os.environ.get("HEIMDEX_DATABASE_URL")
-    say = (lambda *_: None) if args.json else (lambda msg: print(msg, flush=True))
-    say(f"database: {db.describe()}{' (embedded)' if embedded else ''}")
-
-    corpus = build_corpus(media_dir(), videos_per_owner=args.videos_per_owner, scenes_per_video=args.scenes)
-    with db.transaction() as conn:
-        load_corpus(conn, corpus)
-    say(
-        f"corpus: {len(corpus.owners)} owners, {len(corpus.videos)} videos, {len(corpus.scenes)} scenes "
-        f"(media in {media_dir()})"
-    )
-
-    clip = resources["clip"]
-    if clip.fallback_reason:
-        say(f"note: {clip.fallback_reason}; using {clip.model_id} (placeholder vectors, stale once real weights load)")
-    text = resources["text_embedder"]
-    say(f"models: text {text.model_id} ({text.resolved_provider}), CLIP {clip.model_id}")
-
-    instance = dagster_instance()
-    existing = set(instance.get_dynamic_partitions(videos_partitions.name))
-    with db.engine.connect() as conn:
-        to_add, _ = plan_video_partitions(conn, existing)
-    if to_add:
-        instance.add_dynamic_partitions(videos_partitions.name, to_add)
-    demo_ids = {str(v.id) for v in corpus.videos if v.status == "READY"}
-    ranges = contiguous_ranges(instance.get_dynamic_partitions(videos_partitions.name), demo_ids, 50)
-    assets = [a for a in EMBEDDING_ASSETS if a.key.to_user_string() in DEMO_ASSETS]
-    say(
-        f"materialising {', '.join(DEMO_ASSETS)} for {len(demo_ids)} video partitions "
-        f"in {len(ranges)} run(s) (DAGSTER_HOME={os.environ['DAGSTER_HOME']})"
-    )
-    done = 0
-
-    def progress(outcome: object) -> None:
-        nonlocal done
-        done += len(outcome.keys)
-        if not args.json:
-            _progress(done, len(demo_ids), "videos")
-
-    outcomes = materialize_ranges(assets, ranges, resources, instance, on_range_done=progress)
-    failed = [o for o in outcomes if not o.success]
-    summary = _summary(db, corpus) | {
-        "runs": len(outcomes),
-        "failed_runs": [{"keys": f"{o.keys[0]}..{o.keys[-1]}", "error": o.error} for o in failed],
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    if failed:
-        raise CliError(f"{len(failed)} run(s) failed; first: {failed[0].error}")
-    return summary
-
-
-def _summary(db: object, corpus: object) -> dict:
-    owner_ids = [o.id for o in corpus.owners]
-    with db.engine.connect() as conn:
-
-        def count(q: object) -> int:
-            return int(conn.execute(q).scalar() or 0)
-
-        per_channel = dict(
-            conn.execute(
-                select(scene_text_vectors.c.channel, func.count())
-                .where(scene_text_vectors.c.owner_id.in_(owner_ids))
-                .group_by(scene_text_vectors.c.channel)
-            ).all()
+    try:
+        return run_demo(
+            args.videos_per_owner,
+            args.scenes,
+            say=(lambda _: None) if args.json else (lambda msg: print(msg, flush=True)),
+            progress=None if args.json else _progress,
         )
-        models = {
-            "text": sorted(conn.execute(select(scene_text_vectors.c.model_id).distinct()).scalars()),
-            "clip": sorted(conn.execute(select(scene_clip_vectors.c.model_id).distinct()).scalars()),
-        }
-        return {
-            "spec_version": LATEST_EMBEDDING_SPEC_VERSION,
-            "step_versions": {s.asset_key: s.version for s in SPEC.steps if s.asset_key in DEMO_ASSETS},
-            "owners": len(owner_ids),
-            "videos": count(select(func.count()).select_from(videos).where(videos.c.owner_id.in_(owner_ids))),
-            "videos_ready": count(
-                select(func.count())
-                .select_from(videos)
-                .where(videos.c.owner_id.in_(owner_ids), videos.c.status == "READY")
-            ),
-            "scenes": count(select(func.count()).select_from(scenes).where(scenes.c.owner_id.in_(owner_ids))),
-            "vectors": {
-                **{f"text/{k}": v for k, v in sorted(per_channel.items())},
-                "clip": count(
-                    select(func.count())
-                    .select_from(scene_clip_vectors)
-                    .where(scene_clip_vectors.c.owner_id.in_(owner_ids))
-                ),
-            },
-            "failures": count(
-                select(func.count()).select_from(embedding_failures).where(embedding_failures.c.owner_id.in_(owner_ids))
-            ),
-            "models": models,
-        }
+    except DemoError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _print_demo(summary: dict) -> None:
     print("\nHeimdex demo summary")
-    print(f"  spec version     {summary['spec_version']}")
+    print(f"  spec version       {summary['spec_version']}")
     for asset, version in summary["step_versions"].items():
-        print(f"  {asset:<26} code version {version}")
-    print(f"  owners           {summary['owners']}")
-    print(f"  videos           {summary['videos']} ({summary['videos_ready']} READY; others skipped)")
-    print(f"  scenes           {summary['scenes']}")
+        print(f"  {asset:<28} code version {version}")
+    print(f"  owners             {summary['owners']}")
+    print(f"  videos             {summary['videos']} ({summary['videos_ready']} READY; the others are skipped)")
+    print(f"  scenes             {summary['scenes']}")
     for name, n in summary["vectors"].items():
-        print(f"  vectors {name:<16} {n}")
-    print(f"  failed items     {summary['failures']}")
-    print(
-        f"  models           text {', '.join(summary['models']['text'])}; clip {', '.join(summary['models']['clip'])}"
-    )
-    print(f"  runs             {summary['runs']}")
-    print(f"  time taken       {summary['seconds']} s")
+        print(f"  {name:<28} {n}")
+    print(f"  photos FAILED      {summary['photos_failed']}")
+    print(f"  failed items       {summary['failed_items']}")
+    models = summary["models"]
+    print(f"  models             text {', '.join(models['text'])}; clip {', '.join(models['clip'])}")
+    print(f"  search index       active version {summary['search_index_active_version']}")
+    print(f"  runs               {summary['runs']} (DAGSTER_HOME={summary['dagster_home']})")
+    print(f"  time taken         {summary['seconds']} s")
 
 
 def search(args: argparse.Namespace) -> dict:

@@ -58,6 +58,12 @@ _VIDEO_ASSETS = {
         "r.scene_id = i.scene_id AND r.input_sha256 = coalesce(i.sha, r.input_sha256)",
         "scene_clip",
     ),
+    "scene_person_embeddings": (
+        _SCENE_ITEMS,
+        "scene_person_scans",  # one row per searched scene, people found or not
+        "r.scene_id = i.scene_id AND r.input_sha256 = coalesce(i.sha, r.input_sha256)",
+        "scene_person",
+    ),
 }
 
 STATUS_ASSETS = tuple(_VIDEO_ASSETS)

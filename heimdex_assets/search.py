@@ -119,11 +119,12 @@ def person_query_vector(conn: Connection, owner_id: uuid.UUID, person_id: uuid.U
 
 
 def _snippet(transcript: str | None, query: str, width: int = 160) -> str:
+    """A window of the transcript around the longest query word it contains (rarer words are longer)."""
     body = " ".join((transcript or "").split())
-    words = [w.lower() for w in query.split() if len(w) > 2]
     lowered = body.lower()
-    hits = [lowered.find(w) for w in words if lowered.find(w) >= 0]
-    start = max(0, min(hits) - width // 3) if hits else 0
+    positions = [lowered.find(w) for w in sorted({w.lower() for w in query.split()}, key=len, reverse=True)]
+    hit = next((p for p in positions if p >= 0), -1)
+    start = max(0, hit - width // 3) if hit >= 0 else 0
     piece = body[start : start + width]
     return ("…" if start else "") + piece + ("…" if start + width < len(body) else "")
 

@@ -7,7 +7,14 @@ from typing import Any
 
 import dagster as dg
 
-from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder, TextEmbedder
+from heimdex_assets.resources import (
+    AppDatabase,
+    BlobStore,
+    ClipEmbedder,
+    OpenCvPersonDetector,
+    SearchIndex,
+    TextEmbedder,
+)
 
 
 def _env(name: str) -> str | None:
@@ -46,6 +53,16 @@ def clip_from_env() -> ClipEmbedder:
     )
 
 
+def search_index_from_env() -> SearchIndex:
+    """``HEIMDEX_OPENSEARCH_URL`` (may hold credentials; unset: embedded SQLite FTS5),
+    ``HEIMDEX_SEARCH_INDEX_PREFIX``, ``HEIMDEX_SEARCH_SQLITE_PATH``."""
+    return SearchIndex(
+        opensearch_url=_secret("HEIMDEX_OPENSEARCH_URL"),
+        index_prefix=_env("HEIMDEX_SEARCH_INDEX_PREFIX") or "heimdex-scenes",
+        sqlite_path=_env("HEIMDEX_SEARCH_SQLITE_PATH"),
+    )
+
+
 def resources_from_env() -> dict[str, dg.ConfigurableResource]:
     """Every resource the assets and sensors name, keyed by parameter name."""
     return {
@@ -53,4 +70,6 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
         "text_embedder": text_embedder_from_env(),
         "clip": clip_from_env(),
         "blobs": BlobStore(),
+        "search_index": search_index_from_env(),
+        "person_detector": OpenCvPersonDetector(),
     }

@@ -11,7 +11,7 @@ def test_definitions_load_and_validate():
 
 def test_embedding_assets_carry_their_spec_step_version_and_partitions():
     repo = defs.get_repository_def()
-    for name in ("scene_text_embeddings", "scene_clip_embeddings"):
+    for name in ("scene_text_embeddings", "scene_clip_embeddings", "scene_person_embeddings", "scene_search_index"):
         assets_def = repo.assets_defs_by_key[dg.AssetKey(name)]
         step = SPEC.step_for_asset(name)
         assert assets_def.code_versions_by_key[dg.AssetKey(name)] == step.version

@@ -58,9 +58,14 @@ class VideoRun:
 
     def fail_if_rejected(self) -> None:
         """Raise once the good partitions are written, naming every key that could not be done."""
-        if self.rejected:
-            listed = "; ".join(f"{k}: {why}" for k, why in sorted(self.rejected.items()))
-            raise dg.Failure(description=f"{len(self.rejected)} partition(s) could not be processed: {listed}")
+        raise_for_rejected(self.rejected)
+
+
+def raise_for_rejected(rejected: dict[str, str]) -> None:
+    """A dg.Failure listing every rejected partition key with its reason (nothing when none)."""
+    if rejected:
+        listed = "; ".join(f"{k}: {why}" for k, why in sorted(rejected.items()))
+        raise dg.Failure(description=f"{len(rejected)} partition(s) could not be processed: {listed}")
 
 
 def run_flag(context: dg.AssetExecutionContext, tag: str) -> bool:

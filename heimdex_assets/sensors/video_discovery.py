@@ -7,7 +7,7 @@ from sqlalchemy import Connection, delete, select
 
 from heimdex_assets.db.tables import embedding_failures, videos
 from heimdex_assets.partitions import videos_partitions
-from heimdex_assets.resources import AppDatabase
+from heimdex_assets.resources import AppDatabase, SearchIndex
 
 MAX_NEW_PARTITIONS_PER_TICK = 25_000
 
@@ -38,9 +38,11 @@ def plan_video_partitions(
     name="video_discovery_sensor",
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Adds a videos partition for each READY video; removes those of deleted videos.",
+    description="Adds a videos partition for each READY video; removes those of deleted videos, and their documents.",
 )
-def video_discovery_sensor(context: dg.SensorEvaluationContext, db: AppDatabase) -> dg.SensorResult:
+def video_discovery_sensor(
+    context: dg.SensorEvaluationContext, db: AppDatabase, search_index: SearchIndex
+) -> dg.SensorResult:
     """Registers READY videos as partitions, in (owner, created_at) order, 25k at most a tick."""
     existing = set(context.instance.get_dynamic_partitions(videos_partitions.name))
     with db.transaction() as conn:
@@ -50,6 +52,9 @@ def video_discovery_sensor(context: dg.SensorEvaluationContext, db: AppDatabase)
             conn.execute(
                 delete(embedding_failures).where(embedding_failures.c.video_id.in_([uuid.UUID(k) for k in to_delete]))
             )
+    if to_delete:
+        # Their documents, in every index version: deleted videos must not be found any more.
+        search_index.delete_videos(None, to_delete)
     requests = []
     if to_add:
         requests.append(videos_partitions.build_add_request(to_add))

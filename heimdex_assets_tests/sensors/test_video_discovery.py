@@ -2,16 +2,24 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import pytest
 from sqlalchemy import select
 
 from heimdex_assets.db.failures import FailedItem, record_failures
 from heimdex_assets.db.tables import embedding_failures, videos
+from heimdex_assets.resources import SearchIndex
 from heimdex_assets.sensors import video_discovery_sensor
 from heimdex_assets.sensors.video_discovery import plan_video_partitions
 
 
-def tick(instance, db):
-    with dg.build_sensor_context(instance=instance, resources={"db": db}) as context:
+@pytest.fixture
+def search_index(tmp_path):
+    return SearchIndex(sqlite_path=str(tmp_path / "scenes.sqlite"))
+
+
+def tick(instance, db, search_index=None):
+    resources = {"db": db, "search_index": search_index or SearchIndex(sqlite_path=":memory:")}
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
         result = video_discovery_sensor(context)
     for request in result.dynamic_partitions_requests or []:
         if isinstance(request, dg.AddDynamicPartitionsRequest):
@@ -51,16 +59,35 @@ def test_at_most_the_cap_is_added_per_tick(db, rows):
     assert len(third) == 1
 
 
-def test_deleted_videos_lose_their_partition_and_failure_records(db, rows, instance):
+def test_deleted_videos_lose_their_partition_failure_records_and_documents(db, rows, instance, search_index):
     owner = rows.owner()
     keep, gone = rows.video(owner, 1), rows.video(owner, 1)
-    tick(instance, db)
+    tick(instance, db, search_index)
+    search_index.ensure_index("v1")
+    docs = [
+        {
+            "scene_id": str(uuid.uuid4()),
+            "video_id": str(v),
+            "owner_id": str(owner),
+            "scene_index": 0,
+            "start_s": 0.0,
+            "end_s": 1.0,
+            "transcript": "lighthouse keeper",
+            "visual_description": "",
+            "tags": [],
+            "summary": None,
+        }
+        for v in (keep, gone)
+    ]
+    search_index.upsert_documents("v1", docs)
+    search_index.activate("v1")
     with db.transaction() as conn:
         record_failures(conn, "scene_clip", "v", "m", [FailedItem(str(uuid.uuid4()), owner, gone, "h", "bad")])
         conn.execute(videos.delete().where(videos.c.id == gone))
-    result = tick(instance, db)
+    result = tick(instance, db, search_index)
     deletes = [r for r in result.dynamic_partitions_requests if isinstance(r, dg.DeleteDynamicPartitionsRequest)]
     assert [list(r.partition_keys) for r in deletes] == [[str(gone)]]
     assert instance.get_dynamic_partitions("videos") == [str(keep)]
     with db.engine.connect() as conn:
         assert conn.execute(select(embedding_failures)).all() == []
+    assert [h.video_id for h in search_index.search(str(owner), "lighthouse")] == [str(keep)]

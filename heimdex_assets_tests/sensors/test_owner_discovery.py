@@ -1,0 +1,84 @@
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+from sqlalchemy import insert, select
+
+from heimdex_assets.db.failures import FailedItem, record_failures
+from heimdex_assets.db.tables import embedding_failures, owners
+from heimdex_assets.sensors.owner_discovery import owner_discovery_sensor, plan_owner_partitions
+
+
+def tick(instance, db):
+    with dg.build_sensor_context(instance=instance, resources={"db": db}) as context:
+        result = owner_discovery_sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        if isinstance(request, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    return result
+
+
+def add_owner(db, created_at, owner_id=None):
+    owner_id = owner_id or uuid.uuid4()
+    with db.transaction() as conn:
+        conn.execute(insert(owners).values(id=owner_id, name=f"owner {owner_id}", created_at=created_at))
+    return owner_id
+
+
+def test_owners_become_partitions_oldest_first(db, instance):
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    late = add_owner(db, base + timedelta(days=3))
+    early = add_owner(db, base)
+    # Same creation time: the id decides, so the order is total.
+    tie_a, tie_b = sorted([uuid.uuid4(), uuid.uuid4()])
+    add_owner(db, base + timedelta(days=1), tie_b)
+    add_owner(db, base + timedelta(days=1), tie_a)
+
+    result = tick(instance, db)
+
+    expected = [str(early), str(tie_a), str(tie_b), str(late)]
+    (request,) = result.dynamic_partitions_requests
+    assert isinstance(request, dg.AddDynamicPartitionsRequest) and request.partitions_def_name == "owners"
+    assert list(request.partition_keys) == expected
+    assert instance.get_dynamic_partitions("owners") == expected
+    assert not tick(instance, db).dynamic_partitions_requests  # nothing new: no request
+
+    newcomer = add_owner(db, base - timedelta(days=9))  # created "earlier", discovered later: appended
+    (request,) = tick(instance, db).dynamic_partitions_requests
+    assert list(request.partition_keys) == [str(newcomer)]
+    assert instance.get_dynamic_partitions("owners") == [*expected, str(newcomer)]
+
+
+def test_at_most_the_cap_is_added_per_tick(db):
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    made = [str(add_owner(db, base + timedelta(hours=i))) for i in range(5)]
+    with db.engine.connect() as conn:
+        first, _ = plan_owner_partitions(conn, set(), limit=2)
+        second, _ = plan_owner_partitions(conn, set(first), limit=2)
+        third, _ = plan_owner_partitions(conn, set(first + second), limit=2)
+    assert (len(first), len(second), len(third)) == (2, 2, 1)
+    assert first + second + third == made
+
+
+def test_deleted_owners_lose_their_partition_and_failure_records(db, instance):
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    keep, gone = add_owner(db, base), add_owner(db, base + timedelta(days=1))
+    tick(instance, db)
+    with db.transaction() as conn:
+        for owner in (keep, gone):
+            record_failures(
+                conn, "person_photo", "v", "m", [FailedItem(str(uuid.uuid4()), owner, None, "h", "no person found")]
+            )
+        conn.execute(owners.delete().where(owners.c.id == gone))
+
+    result = tick(instance, db)
+
+    assert [(type(r), list(r.partition_keys)) for r in result.dynamic_partitions_requests] == [
+        (dg.DeleteDynamicPartitionsRequest, [str(gone)])
+    ]
+    assert instance.get_dynamic_partitions("owners") == [str(keep)]
+    with db.engine.connect() as conn:
+        assert conn.execute(select(embedding_failures.c.owner_id)).scalars().all() == [keep]
