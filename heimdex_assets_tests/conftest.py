@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
+from opensearchpy import OpenSearch
 from PIL import Image, ImageDraw
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
@@ -23,8 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead o
 
 from heimdex_assets.db.embedded import EmbeddedPostgres
 from heimdex_assets.db.tables import owners, scenes, videos
-from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder, TextEmbedder
+from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder, SearchIndex, TextEmbedder
 
+# The real node started by scripts/test.sh (scripts/opensearch.sh); unreachable means failing tests.
+OPENSEARCH_URL = os.environ.get("HEIMDEX_TEST_OPENSEARCH_URL") or "http://127.0.0.1:9250"
 TEST_PG_PORT = int(os.environ.get("HEIMDEX_TEST_PG_PORT", "55432"))
 STATE_DIR = Path(os.environ.get("HEIMDEX_TEST_STATE_DIR", Path(tempfile.gettempdir()) / "heimdex-test"))
 ALL_TABLES = (
@@ -54,6 +57,17 @@ def db(database_url: str) -> AppDatabase:
     with resource.transaction() as conn:
         conn.execute(text(f"TRUNCATE {ALL_TABLES} CASCADE"))
     return resource
+
+
+@pytest.fixture(params=["opensearch", "sqlite"])
+def search_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SearchIndex]:
+    """A search index of each backend: OpenSearch under a prefix of its own, or SQLite in tmp_path."""
+    if request.param == "sqlite":
+        yield SearchIndex(sqlite_path=str(tmp_path / "search" / "scenes.sqlite"), bulk_backoff_s=0.2)
+        return
+    prefix = f"heimdex-test-{uuid.uuid4().hex[:12]}"
+    yield SearchIndex(opensearch_url=OPENSEARCH_URL, index_prefix=prefix, bulk_backoff_s=0.2)
+    OpenSearch(hosts=[OPENSEARCH_URL]).indices.delete(index=f"{prefix}-*")  # the alias goes with them
 
 
 @pytest.fixture(scope="session")

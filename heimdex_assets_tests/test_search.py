@@ -12,8 +12,7 @@ from heimdex_assets.demo import build_corpus, load_corpus
 from heimdex_assets.launch import contiguous_ranges, materialize_ranges
 from heimdex_assets.resources import AppDatabase, BlobStore, OpenCvPersonDetector, SearchIndex
 from heimdex_assets.search import SearchError, reciprocal_rank_fusion, search_scenes
-from heimdex_assets_tests.conftest import ALL_TABLES
-from heimdex_assets_tests.resources.test_search_index import OPENSEARCH_URL
+from heimdex_assets_tests.conftest import ALL_TABLES, OPENSEARCH_URL
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,15 @@ from heimdex_assets.assets.video_runs import OWNER_SCOPE_TAG, load_video_run
 from heimdex_assets.db.tables import scene_search_documents, scenes
 from heimdex_assets.resources.search_index import SearchIndex, index_mapping
 from heimdex_assets.spec import SPEC
-from heimdex_assets_tests.conftest import materialize_videos
-from heimdex_assets_tests.resources.test_search_index import (  # noqa: F401  (search_index is a fixture)
-    OPENSEARCH_URL,
-    reconfigured,
-    search_index,
-    writes_blocked_for,
-)
+from heimdex_assets_tests.conftest import OPENSEARCH_URL, materialize_videos
+from heimdex_assets_tests.resources.test_search_index import reconfigured, writes_blocked_for
 
 VERSION = SPEC.step("scene_search").version
 NEXT = "2099-01-01"
 
 
 @pytest.fixture
-def run_resources(resources, search_index):  # noqa: F811
+def run_resources(resources, search_index):
     return resources | {"search_index": search_index}
 
 
@@ -70,7 +65,7 @@ def metadata(result):
     return {k: v.value for k, v in result.asset_materializations_for_node("scene_search_index")[0].metadata.items()}
 
 
-def test_one_document_per_scene_equal_to_the_scene_rows(db, rows, run_resources, instance, search_index):  # noqa: F811
+def test_one_document_per_scene_equal_to_the_scene_rows(db, rows, run_resources, instance, search_index):
     owner = rows.owner()
     video = rows.video(owner, n_scenes=3)
     summarised = rows.scene(video, owner, 3, summary="The crew repairs the mast.", tags=[])
@@ -94,7 +89,7 @@ def test_one_document_per_scene_equal_to_the_scene_rows(db, rows, run_resources,
     assert meta["index"] == search_index.index_name(VERSION) and meta["alias_active_version"] == VERSION
 
 
-def test_a_removed_scene_loses_its_document(db, rows, run_resources, instance, search_index):  # noqa: F811
+def test_a_removed_scene_loses_its_document(db, rows, run_resources, instance, search_index):
     video = rows.video(rows.owner(), n_scenes=3)
     materialize_videos([scene_search_index], [str(video)], run_resources, instance)
     gone = scene_rows(db, video)[1].id
@@ -109,7 +104,7 @@ def test_a_removed_scene_loses_its_document(db, rows, run_resources, instance, s
     assert metadata(result)["documents_deleted"] == 1
 
 
-def test_an_edited_transcript_is_reindexed_and_found(db, rows, run_resources, instance, search_index):  # noqa: F811
+def test_an_edited_transcript_is_reindexed_and_found(db, rows, run_resources, instance, search_index):
     owner = rows.owner()
     video = rows.video(owner, n_scenes=2)
     materialize_videos([scene_search_index], [str(video)], run_resources, instance)
@@ -132,7 +127,7 @@ def test_bm25_finds_a_scene_by_a_rare_word_and_ranks_more_mentions_higher(
     rows,
     run_resources,
     instance,
-    search_index,  # noqa: F811
+    search_index,
 ):
     owner = rows.owner()
     video = rows.video(owner, n_scenes=4)
@@ -148,7 +143,7 @@ def test_bm25_finds_a_scene_by_a_rare_word_and_ranks_more_mentions_higher(
     assert len(search_index.search(owner, "harbour", limit=50)) == 6  # a tag of every scene
 
 
-def test_owners_never_see_each_others_scenes(db, rows, run_resources, instance, search_index):  # noqa: F811
+def test_owners_never_see_each_others_scenes(db, rows, run_resources, instance, search_index):
     alice, bob = rows.owner("alice"), rows.owner("bob")
     alice_video = rows.video(alice, n_scenes=0)
     bob_video = rows.video(bob, n_scenes=0)
@@ -181,7 +176,7 @@ def test_owners_never_see_each_others_scenes(db, rows, run_resources, instance, 
     }
 
 
-def test_a_second_run_changes_nothing(db, rows, run_resources, instance, search_index):  # noqa: F811
+def test_a_second_run_changes_nothing(db, rows, run_resources, instance, search_index):
     owner = rows.owner()
     keys = [str(rows.video(owner, n_scenes=3)) for _ in range(2)]
     materialize_videos([scene_search_index], keys, run_resources, instance)
@@ -198,7 +193,7 @@ def test_a_second_run_changes_nothing(db, rows, run_resources, instance, search_
     assert meta["documents_upserted"] == 6 and meta["documents_deleted"] == 0 and meta["videos"] == 2
 
 
-def test_the_alias_moves_only_when_the_new_index_is_complete(db, rows, run_resources, instance, search_index):  # noqa: F811
+def test_the_alias_moves_only_when_the_new_index_is_complete(db, rows, run_resources, instance, search_index):
     owner = rows.owner()
     first, second = rows.video(owner, n_scenes=2), rows.video(owner, n_scenes=2)
     rows.video(owner, n_scenes=2, status="PROCESSING")  # never indexed, and never waited for
@@ -229,7 +224,7 @@ def test_the_alias_moves_only_when_the_new_index_is_complete(db, rows, run_resou
     assert search_index.versions() == [VERSION, NEXT]
 
 
-def test_writes_refused_for_a_while_are_retried_by_the_asset(db, rows, resources, instance, search_index):  # noqa: F811
+def test_writes_refused_for_a_while_are_retried_by_the_asset(db, rows, resources, instance, search_index):
     video = rows.video(rows.owner(), n_scenes=3)
     search_index.ensure_index(VERSION)
     patient = reconfigured(search_index, timeout_s=0.2, bulk_retries=6, bulk_backoff_s=0.2)

@@ -1,6 +1,5 @@
 """The search index resource against a real OpenSearch node and a real SQLite FTS5 file."""
 
-import os
 import socket
 import sqlite3
 import threading
@@ -8,26 +7,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from opensearchpy import OpenSearch
 
 from heimdex_assets.resources.search_index import BulkIndexError, SearchIndex, SearchIndexError
+from heimdex_assets_tests.conftest import OPENSEARCH_URL
 
-OPENSEARCH_URL = os.environ.get("HEIMDEX_TEST_OPENSEARCH_URL") or "http://127.0.0.1:9250"
 V1, V2 = "2026-01-06", "2099-01-01"
-
-
-@pytest.fixture(params=["opensearch", "sqlite"])
-def search_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SearchIndex]:
-    """A search index of each backend: OpenSearch under a prefix of its own, or SQLite in tmp_path."""
-    if request.param == "sqlite":
-        yield SearchIndex(sqlite_path=str(tmp_path / "search" / "scenes.sqlite"), bulk_backoff_s=0.2)
-        return
-    prefix = f"heimdex-test-{uuid.uuid4().hex[:12]}"
-    yield SearchIndex(opensearch_url=OPENSEARCH_URL, index_prefix=prefix, bulk_backoff_s=0.2)
-    OpenSearch(hosts=[OPENSEARCH_URL]).indices.delete(index=f"{prefix}-*")  # the alias goes with them
 
 
 @contextmanager
