@@ -73,7 +73,7 @@ def search(args: argparse.Namespace) -> dict:
 
     owner_id = uuid.UUID(canonical_uuid(args.owner_id, "owner id"))
     person_id = uuid.UUID(canonical_uuid(args.person_id, "person id")) if args.person_id else None
-    resources = resources_from_env()
+    resources = resources_from_env(deferred=False)
     results = search_scenes(
         resources["db"],
         owner_id,
@@ -121,20 +121,20 @@ def _print_search(result: dict) -> None:
 
 def status(args: argparse.Namespace) -> dict:
     """Per asset: partitions fresh / stale / missing / failed, with the versions and models in force."""
-    from heimdex_assets.freshness import STATUS_ASSETS, summarize, video_partition_states
+    from heimdex_assets.freshness import STATUS_ASSETS, partition_states, summarize
     from heimdex_assets.settings import resources_from_env
 
-    resources = resources_from_env()
-    models = {"scene_text_embeddings": resources["text_embedder"].model_id}
-    models["scene_clip_embeddings"] = resources["clip"].model_id
+    resources = resources_from_env(deferred=False)
+    clip_model = resources["clip"].model_id
+    models = {"scene_text_embeddings": resources["text_embedder"].model_id, "scene_search_index": "bm25"}
     assets = {}
     with resources["db"].engine.connect() as conn:
         for asset_key in STATUS_ASSETS:
-            states = video_partition_states(conn, asset_key, models[asset_key])
-            step = SPEC.step_for_asset(asset_key)
+            model_id = models.get(asset_key, clip_model)
+            states = partition_states(conn, asset_key, model_id)
             assets[asset_key] = {
-                "step_version": step.version,
-                "model_id": models[asset_key],
+                "step_version": SPEC.step_for_asset(asset_key).version,
+                "model_id": model_id,
                 "partitions": summarize(states),
                 "stale_items": sum(s.stale_items for s in states.values()),
                 "failed_items": sum(s.failed_items for s in states.values()),

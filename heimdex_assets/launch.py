@@ -39,14 +39,13 @@ def contiguous_ranges(ordered_keys: Sequence[str], wanted: set[str], max_per_ran
 
 
 def dagster_instance() -> dg.DagsterInstance:
-    """The instance named by ``DAGSTER_HOME``; else one under the Heimdex home (created on use)."""
-    if not os.environ.get("DAGSTER_HOME"):
-        home = default_home() / "dagster"
-        home.mkdir(parents=True, exist_ok=True)
-        config = home / "dagster.yaml"
-        if not config.exists():  # local storage under the home; no telemetry
-            config.write_text("telemetry:\n  enabled: false\n")
-        os.environ["DAGSTER_HOME"] = str(home)
+    """The instance of ``DAGSTER_HOME`` (default: ``dagster/`` under the Heimdex home), created on first use."""
+    home = Path(os.environ.get("DAGSTER_HOME") or default_home() / "dagster").expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():  # local storage under the home; no telemetry
+        config.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
 
 

@@ -22,21 +22,24 @@ def _env(name: str) -> str | None:
     return value or None
 
 
-def _secret(name: str) -> Any:
-    # Through dg.EnvVar so the value never lands in run config or the UI.
-    return dg.EnvVar(name) if _env(name) else None
+def _secret(name: str, deferred: bool) -> Any:
+    """Deferred (for Definitions): a dg.EnvVar, so the value never lands in run config or the UI.
+    Otherwise (CLI, API, in-process runs) the value itself, as no Dagster init will resolve it."""
+    if not _env(name):
+        return None
+    return dg.EnvVar(name) if deferred else _env(name)
 
 
-def database_from_env() -> AppDatabase:
+def database_from_env(deferred: bool = True) -> AppDatabase:
     """``HEIMDEX_DATABASE_URL``, or the embedded PostgreSQL when it is unset."""
-    return AppDatabase(url=_secret("HEIMDEX_DATABASE_URL"))
+    return AppDatabase(url=_secret("HEIMDEX_DATABASE_URL", deferred))
 
 
-def text_embedder_from_env() -> TextEmbedder:
+def text_embedder_from_env(deferred: bool = True) -> TextEmbedder:
     """``HEIMDEX_TEXT_PROVIDER`` (auto|openai|local), ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``."""
     return TextEmbedder(
         provider=_env("HEIMDEX_TEXT_PROVIDER") or "auto",
-        openai_api_key=_secret("OPENAI_API_KEY"),
+        openai_api_key=_secret("OPENAI_API_KEY", deferred),
         openai_base_url=_env("OPENAI_BASE_URL"),
         openai_model=_env("HEIMDEX_OPENAI_MODEL") or "text-embedding-3-small",
     )
@@ -53,23 +56,24 @@ def clip_from_env() -> ClipEmbedder:
     )
 
 
-def search_index_from_env() -> SearchIndex:
+def search_index_from_env(deferred: bool = True) -> SearchIndex:
     """``HEIMDEX_OPENSEARCH_URL`` (may hold credentials; unset: embedded SQLite FTS5),
     ``HEIMDEX_SEARCH_INDEX_PREFIX``, ``HEIMDEX_SEARCH_SQLITE_PATH``."""
     return SearchIndex(
-        opensearch_url=_secret("HEIMDEX_OPENSEARCH_URL"),
+        opensearch_url=_secret("HEIMDEX_OPENSEARCH_URL", deferred),
         index_prefix=_env("HEIMDEX_SEARCH_INDEX_PREFIX") or "heimdex-scenes",
         sqlite_path=_env("HEIMDEX_SEARCH_SQLITE_PATH"),
     )
 
 
-def resources_from_env() -> dict[str, dg.ConfigurableResource]:
-    """Every resource the assets and sensors name, keyed by parameter name."""
+def resources_from_env(deferred: bool = True) -> dict[str, dg.ConfigurableResource]:
+    """Every resource the assets and sensors name, keyed by parameter name. ``deferred=False`` for
+    use outside a Dagster code location (the CLI, the API), where secrets are read right away."""
     return {
-        "db": database_from_env(),
-        "text_embedder": text_embedder_from_env(),
+        "db": database_from_env(deferred),
+        "text_embedder": text_embedder_from_env(deferred),
         "clip": clip_from_env(),
         "blobs": BlobStore(),
-        "search_index": search_index_from_env(),
+        "search_index": search_index_from_env(deferred),
         "person_detector": OpenCvPersonDetector(),
     }

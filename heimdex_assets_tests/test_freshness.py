@@ -1,3 +1,6 @@
+import uuid
+
+import dagster as dg
 from sqlalchemy import text, update
 
 from heimdex_assets.assets import scene_clip_embeddings, scene_text_embeddings
@@ -62,3 +65,58 @@ def test_a_broken_thumbnail_is_failed_not_stale_and_owner_scope_is_respected(
         all_states = video_partition_states(conn, "scene_clip_embeddings", clip.model_id)
     assert summarize(all_states) == {"fresh": 0, "stale": 0, "missing": 1, "failed": 1}
     assert all_states[str(video)].failed_items == 1 and all_states[str(video)].items == 2
+
+
+def test_owner_assets_and_the_search_index_follow_their_inputs(db, rows, resources, instance, clip, tmp_path):
+    from PIL import Image
+
+    from heimdex_assets.assets import person_photo_embeddings, person_query_embeddings, scene_search_index
+    from heimdex_assets.demo import build_corpus, load_corpus
+    from heimdex_assets.resources import OpenCvPersonDetector, SearchIndex
+
+    corpus = build_corpus(tmp_path / "media", owners=2, videos_per_owner=1, scenes_per_video=2, processing_videos=0)
+    with db.transaction() as conn:
+        load_corpus(conn, corpus)
+    mine, theirs = corpus.owners
+    resources = resources | {
+        "person_detector": OpenCvPersonDetector(),
+        "search_index": SearchIndex(sqlite_path=str(tmp_path / "scenes.sqlite")),
+    }
+    owner_keys = [str(o.id) for o in corpus.owners]
+    instance.add_dynamic_partitions("owners", owner_keys)
+    for key in owner_keys:
+        dg.materialize(
+            [person_photo_embeddings, person_query_embeddings],
+            partition_key=key,
+            resources=resources,
+            instance=instance,
+        )
+    for asset in ("person_photo_embeddings", "person_query_embeddings"):
+        assert set(states(db, asset, clip.model_id).values()) == {"fresh"}
+
+    # A new reference photo: the owner's photo step is stale (its query follows once photos are done).
+    person = mine.persons[0]
+    new_photo = tmp_path / "new.png"
+    Image.open(person.photos[0].uri).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(new_photo)
+    with db.transaction() as conn:
+        conn.execute(
+            text("INSERT INTO person_reference_photos (id, person_id, owner_id, uri) VALUES (:i, :p, :o, :u)"),
+            {"i": uuid.uuid4(), "p": person.id, "o": mine.id, "u": str(new_photo)},
+        )
+    assert states(db, "person_photo_embeddings", clip.model_id) == {str(mine.id): "stale", str(theirs.id): "fresh"}
+    dg.materialize([person_photo_embeddings], partition_key=str(mine.id), resources=resources, instance=instance)
+    assert states(db, "person_query_embeddings", clip.model_id)[str(mine.id)] == "stale"
+    assert states(db, "person_query_embeddings", clip.model_id)[str(theirs.id)] == "fresh"
+
+    # The search index: fresh once indexed, stale for exactly the video whose scene was edited.
+    video_keys = [str(v.id) for v in corpus.videos]
+    assert set(states(db, "scene_search_index", "bm25").values()) == {"missing"}
+    materialize_videos([scene_search_index], video_keys, resources, instance)
+    assert set(states(db, "scene_search_index", "bm25").values()) == {"fresh"}
+    edited = corpus.owners[0].videos[0]
+    with db.transaction() as conn:
+        conn.execute(update(scenes).where(scenes.c.id == edited.scenes[0].id).values(summary="A new summary."))
+    assert states(db, "scene_search_index", "bm25") == {
+        str(edited.id): "stale",
+        str(corpus.owners[1].videos[0].id): "fresh",
+    }

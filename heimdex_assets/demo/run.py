@@ -42,7 +42,7 @@ def run_demo(
     from heimdex_assets.settings import resources_from_env
 
     started = time.monotonic()
-    resources = resources_from_env()
+    resources = resources_from_env(deferred=False)
     db = resources["db"]
     embedded = " (embedded)" if not os.environ.get("HEIMDEX_DATABASE_URL") else ""
     say(f"database: {db.describe()}{embedded}")

@@ -1,0 +1,123 @@
+"""The ``heimdex`` command end to end: demo on the defaults (embedded search, CLIP fallback), status, search."""
+
+import json
+
+import pytest
+from sqlalchemy import text
+
+from heimdex_assets.cli import main
+from heimdex_assets.demo import demo_id
+from heimdex_assets_tests.conftest import ALL_TABLES
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def demo_env(database_url, tmp_path_factory):
+    """Environment of a user who points HEIMDEX_DATABASE_URL at a server and keeps every default."""
+    home = tmp_path_factory.mktemp("heimdex-home")
+    return {
+        "HEIMDEX_DATABASE_URL": database_url,
+        "HEIMDEX_HOME": str(home),
+        "DAGSTER_HOME": str(home / "dagster"),
+    }
+
+
+@pytest.fixture
+def env(demo_env, monkeypatch):
+    for name in ("OPENAI_API_KEY", "HEIMDEX_OPENSEARCH_URL", "HEIMDEX_CLIP_CHECKPOINT", "HEIMDEX_TEXT_PROVIDER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in demo_env.items():
+        monkeypatch.setenv(name, value)
+    return demo_env
+
+
+def test_demo_materialises_all_six_assets_twice_to_the_same_state(env, capsys, db):
+    code, out, err = run_cli(capsys, "demo", "--videos-per-owner", "2", "--scenes", "5")
+    assert code == 0, err
+    assert "note: CLIP weights ViT-B-32/openai unavailable" in out  # said once, in one line
+    assert out.count("CLIP weights") == 1
+    assert "scene_search (documents)     30" in out
+
+    def state():
+        with db.engine.connect() as conn:
+            return {
+                t: conn.execute(
+                    text(f"SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {t} t")
+                ).one()
+                for t in (
+                    "scene_text_vectors",
+                    "scene_clip_vectors",
+                    "scene_person_vectors",
+                    "person_photo_vectors",
+                    "person_query_vectors",
+                    "scene_search_documents",
+                    "person_reference_photos",
+                )
+            }
+
+    first = state()
+    code, out, err = run_cli(capsys, "demo", "--videos-per-owner", "2", "--scenes", "5", "--json")
+    summary = json.loads(out)
+    assert code == 0 and state() == first
+    assert summary["videos_ready"] == 6 and summary["scenes"] == 35  # + the PROCESSING video's 5
+    assert summary["vectors"] == {
+        "scene_text/transcript": 30,
+        "scene_text/visual": 30,
+        "scene_clip": 30,
+        "scene_person (detections)": summary["vectors"]["scene_person (detections)"],
+        "person_photo (READY photos)": 12,
+        "person_query": 6,
+        "scene_search (documents)": 30,
+    }
+    assert summary["vectors"]["scene_person (detections)"] >= 6  # every real photograph of a person
+    assert summary["models"]["clip"] == ["open_clip:tiny-random"]
+    assert summary["search_index_active_version"] == "2026-01-06"
+
+    code, out, _ = run_cli(capsys, "status", "--json")
+    status = json.loads(out)
+    assert code == 0
+    for asset in ("scene_text_embeddings", "scene_clip_embeddings", "scene_person_embeddings", "scene_search_index"):
+        assert status["assets"][asset]["partitions"] == {"fresh": 6, "stale": 0, "missing": 0, "failed": 0}
+    for asset in ("person_photo_embeddings", "person_query_embeddings"):
+        assert status["assets"][asset]["partitions"] == {"fresh": 3, "stale": 0, "missing": 0, "failed": 0}
+
+    owner = demo_id("owner/0")
+    code, out, _ = run_cli(capsys, "search", "--owner-id", str(owner), "narwhal", "--json", "--mode", "lexical")
+    results = json.loads(out)["results"]
+    assert code == 0 and "narwhal" in results[0]["snippet"]
+    code, out, _ = run_cli(capsys, "search", "--owner-id", str(demo_id("owner/1")), "narwhal", "--mode", "lexical")
+    assert out.strip() == "no results"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "--owner-id", "42", "x"], "heimdex: error: malformed owner id '42'"),
+        (["search", "--owner-id", "3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70", "  "], "heimdex: error: empty query"),
+    ],
+)
+def test_bad_input_gets_one_line_on_stderr(env, capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and out == ""
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_a_database_that_is_down_is_named_without_its_password(env, capsys, monkeypatch):
+    monkeypatch.setenv("HEIMDEX_DATABASE_URL", "postgresql://app:hunter2@127.0.0.1:9/heimdex")
+    code, _, err = run_cli(capsys, "status")
+    assert code == 1
+    assert err.startswith(
+        "heimdex: error: cannot reach the application database at postgresql+psycopg://app:***@127.0.0.1:9/heimdex"
+    )
+    assert "hunter2" not in err and err.count("\n") == 1
+
+
+def test_tables_list_is_complete(db):
+    with db.engine.connect() as conn:
+        tables = set(conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
+    assert tables - {"alembic_version"} == {t.strip() for t in ALL_TABLES.split(",")}
