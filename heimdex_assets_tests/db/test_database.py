@@ -68,3 +68,14 @@ def test_partition_keys_must_be_canonical():
     assert str(parse_partition_key("3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70")) == "3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70"
     with pytest.raises(InvalidIdError, match="not canonical"):
         parse_partition_key("{3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70}")
+
+
+def test_the_embedded_server_refuses_a_port_held_by_another_cluster(database_url, tmp_path):
+    from sqlalchemy import make_url
+
+    from heimdex_assets.db.embedded import EmbeddedPostgres
+
+    port = make_url(database_url).port
+    other = EmbeddedPostgres(data_dir=tmp_path / "elsewhere", port=port)
+    with pytest.raises(DatabaseUnavailableError, match=f"port {port} on 127.0.0.1 is served by another PostgreSQL"):
+        other.ensure_running()
