@@ -11,9 +11,11 @@ import logging
 import sys
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from heimdex_assets.db.engine import DatabaseUnavailableError
 from heimdex_assets.partitions import InvalidIdError
+from heimdex_assets.reprocess import ReprocessError
 from heimdex_assets.search import SearchError
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION, SPEC
 
@@ -63,6 +65,90 @@ def _print_demo(summary: dict) -> None:
     print(f"  search index       active version {summary['search_index_active_version']}")
     print(f"  runs               {summary['runs']} (DAGSTER_HOME={summary['dagster_home']})")
     print(f"  time taken         {summary['seconds']} s")
+
+
+def reprocess(args: argparse.Namespace) -> dict:
+    """Plan (and with --sync, run) the reprocessing of a scope, like the seed's CLI, on Dagster."""
+    from heimdex_assets.launch import dagster_instance
+    from heimdex_assets.partitions import canonical_uuid
+    from heimdex_assets.reprocess import ReprocessRequest, configured_models, plan_reprocess, run_plan
+    from heimdex_assets.settings import resources_from_env
+
+    if not (args.dry_run or args.sync):
+        raise CliError(
+            "choose --dry-run (show the plan) or --sync (run it in this process); launching backfills on a "
+            "Dagster deployment from the CLI is not available yet: use the Dagster UI's backfill page"
+        )
+    try:
+        since = datetime.fromisoformat(args.since) if args.since else None
+    except ValueError:
+        raise CliError(f"malformed --since {args.since!r}: expected an ISO time such as 2026-01-01T00:00:00") from None
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    request = ReprocessRequest(
+        scope=args.scope,
+        video_id=uuid.UUID(canonical_uuid(args.video_id, "video id")) if args.video_id else None,
+        owner_id=uuid.UUID(canonical_uuid(args.owner_id, "owner id")) if args.owner_id else None,
+        since=since,
+        force=args.force,
+        retry_failed=args.retry_failed,
+    )
+    resources = resources_from_env(deferred=False)
+    with resources["db"].engine.connect() as conn:
+        plan = plan_reprocess(conn, request, configured_models(resources))
+    result = {
+        "spec_version": LATEST_EMBEDDING_SPEC_VERSION,
+        "scope": request.scope,
+        "video_count": plan.video_count,
+        "dry_run": args.dry_run,
+        "assets": {
+            k: {
+                "step_version": a.step_version,
+                "model_id": a.model_id,
+                "partitions": len(a.partitions),
+                "states": a.states,
+                "items_stale": a.items_stale,
+                "items_failed": a.items_failed,
+            }
+            for k, a in plan.assets.items()
+        },
+        "estimated_openai_tokens": plan.estimated_openai_tokens,
+        "estimated_openai_cost_usd": plan.estimated_openai_cost_usd,
+    }
+    if args.dry_run or plan.empty:
+        return result | {"message": "nothing to do: every partition is fresh" if plan.empty else "plan only"}
+    say = (lambda _: None) if args.json else (lambda msg: print(msg, flush=True))
+    say(f"Using embedding spec version: {LATEST_EMBEDDING_SPEC_VERSION}")
+    totals: dict[str, int] = {}
+
+    def progress(label: str, outcome: object) -> None:
+        totals[label] = totals.get(label, 0) + len(outcome.keys)
+        if not args.json:
+            total = len(next(a for k, a in plan.assets.items() if k in label).partitions)
+            _progress(totals[label], total, label)
+
+    outcomes = run_plan(plan, resources, dagster_instance(), on_range_done=progress)
+    failed = [o for runs in outcomes.values() for o in runs if not o.success]
+    result |= {
+        "runs": sum(len(r) for r in outcomes.values()),
+        "failed_runs": [{"keys": f"{o.keys[0]}..{o.keys[-1]}", "error": o.error} for o in failed],
+    }
+    if failed:
+        raise CliError(f"{len(failed)} run(s) failed; first: {failed[0].error}")
+    return result | {"message": f"reprocessed {plan.video_count} video(s) with spec {LATEST_EMBEDDING_SPEC_VERSION}"}
+
+
+def _print_reprocess(result: dict) -> None:
+    print(f"embedding spec {result['spec_version']}, scope {result['scope']}: {result['video_count']} video(s)")
+    print(f"{'asset':<26} {'version':<11} {'partitions':>10} {'items':>7} {'failed':>7}  model")
+    for asset_key, a in result["assets"].items():
+        print(
+            f"{asset_key:<26} {a['step_version']:<11} {a['partitions']:>10} {a['items_stale']:>7} "
+            f"{a['items_failed']:>7}  {a['model_id']}"
+        )
+    tokens = result["estimated_openai_tokens"]
+    print(f"estimated OpenAI tokens: {tokens} (about ${result['estimated_openai_cost_usd']:.4f})")
+    print(result["message"])
 
 
 def search(args: argparse.Namespace) -> dict:
@@ -122,15 +208,15 @@ def _print_search(result: dict) -> None:
 def status(args: argparse.Namespace) -> dict:
     """Per asset: partitions fresh / stale / missing / failed, with the versions and models in force."""
     from heimdex_assets.freshness import STATUS_ASSETS, partition_states, summarize
+    from heimdex_assets.reprocess import configured_models
     from heimdex_assets.settings import resources_from_env
 
     resources = resources_from_env(deferred=False)
-    clip_model = resources["clip"].model_id
-    models = {"scene_text_embeddings": resources["text_embedder"].model_id, "scene_search_index": "bm25"}
+    models = configured_models(resources)
     assets = {}
     with resources["db"].engine.connect() as conn:
         for asset_key in STATUS_ASSETS:
-            model_id = models.get(asset_key, clip_model)
+            model_id = models[asset_key]
             states = partition_states(conn, asset_key, model_id)
             assets[asset_key] = {
                 "step_version": SPEC.step_for_asset(asset_key).version,
@@ -164,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=demo, printer=_print_demo)
 
+    p = sub.add_parser("reprocess", help="redo what the current spec makes stale, for a video, an owner or all")
+    p.add_argument("--scope", choices=["video", "owner", "all"], required=True)
+    p.add_argument("--video-id")
+    p.add_argument("--owner-id")
+    p.add_argument("--since", help="only videos updated at or after this ISO time")
+    p.add_argument("--force", action="store_true", help="redo every partition of the scope, fresh or not")
+    p.add_argument("--retry-failed", action="store_true", help="also retry items that failed recently")
+    p.add_argument("--dry-run", action="store_true", help="show the plan (partitions, items, OpenAI estimate)")
+    p.add_argument("--sync", action="store_true", help="run in this process, with progress")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=reprocess, printer=_print_reprocess)
+
     p = sub.add_parser("status", help="partitions fresh / stale / missing / failed per asset")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=status, printer=_print_status)
@@ -186,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = args.handler(args)
-    except (CliError, DatabaseUnavailableError, InvalidIdError, SearchError) as exc:
+    except (CliError, DatabaseUnavailableError, InvalidIdError, SearchError, ReprocessError) as exc:
         print(f"heimdex: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, select
 
 from heimdex_assets.assets.scene_clip import missing_input_sha256
 from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG, Scene, load_video_run, run_flag
-from heimdex_assets.db.failures import FailedItem, clear_video_failures_except, record_failures
+from heimdex_assets.db.failures import FailedItem, replace_video_failures
 from heimdex_assets.db.tables import scene_person_scans, scene_person_vectors
 from heimdex_assets.db.vectors import replace_video_rows
 from heimdex_assets.partitions import videos_partitions
@@ -198,9 +198,7 @@ def scene_person_embeddings(
             replace_video_rows(
                 conn, scene_person_scans, video_id, STEP.version, scan_rows_of[video_id], ["scene_id", "step_version"]
             )
-            failed = failed_of[video_id]
-            record_failures(conn, STEP.name, STEP.version, model_id, failed)
-            clear_video_failures_except(conn, STEP.name, STEP.version, video_id, [f.item_id for f in failed])
+            replace_video_failures(conn, STEP.name, STEP.version, model_id, video_id, failed_of[video_id])
 
     failures = [f for fs in failed_of.values() for f in fs]
     for f in failures:

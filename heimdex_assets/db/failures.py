@@ -74,16 +74,17 @@ def clear_failures(conn: Connection, step: str, version: str, item_ids: Iterable
         )
 
 
-def clear_video_failures_except(
-    conn: Connection, step: str, version: str, video_id: uuid.UUID, keep: Iterable[str]
+def replace_video_failures(
+    conn: Connection, step: str, version: str, model_id: str, video_id: uuid.UUID, failed: list[FailedItem]
 ) -> None:
-    """Drop every failure of ``video_id`` at ``version`` but those of ``keep`` (this run's)."""
-    keep = list(keep)
+    """Make ``failed`` the video's failures at ``version``: recorded (attempts counted), every other
+    failure of the video at that version forgotten (those items succeeded or no longer exist)."""
+    record_failures(conn, step, version, model_id, failed)
     where = [
         embedding_failures.c.step == step,
         embedding_failures.c.step_version == version,
         embedding_failures.c.video_id == video_id,
     ]
-    if keep:
-        where.append(embedding_failures.c.item_id.not_in(keep))
+    if failed:
+        where.append(embedding_failures.c.item_id.not_in([f.item_id for f in failed]))
     conn.execute(delete(embedding_failures).where(*where))

@@ -1,0 +1,218 @@
+"""Reprocessing, the seed's capability on top of Dagster: which partitions to redo, and redoing them.
+
+``plan_reprocess`` resolves a scope (one video, one owner, everything; optionally only videos
+updated since a time) to the partitions each asset must redo: stale and missing ones by the SQL
+freshness of ``freshness.py``, every one with ``force``, failed ones too with ``retry_failed``. It
+estimates what the text step would cost on the OpenAI API (texts not in the cache only).
+``run_plan`` materialises the plan in-process in contiguous ranges, with the owner scope as a run tag.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import Connection, select, text
+
+from heimdex_assets.db.tables import persons, text_embedding_cache, videos
+from heimdex_assets.freshness import RULES, partition_states
+from heimdex_assets.resources.text_embedder import estimate_tokens
+from heimdex_assets.spec import SPEC
+from heimdex_assets.text_cache import text_sha256
+
+Scope = Literal["video", "owner", "all"]
+# USD per 1M input tokens (OpenAI price list, 2026-01).
+OPENAI_PRICE_PER_MILLION = {
+    "text-embedding-3-small": 0.02,
+    "text-embedding-3-large": 0.13,
+    "text-embedding-ada-002": 0.10,
+}
+
+
+class ReprocessError(ValueError):
+    """A request that cannot be planned (missing id for its scope, unknown video or owner)."""
+
+
+@dataclass(frozen=True)
+class ReprocessRequest:
+    """What to reprocess; the seed's request plus ``since`` and explicit failure retries."""
+
+    scope: Scope
+    video_id: uuid.UUID | None = None
+    owner_id: uuid.UUID | None = None
+    since: datetime | None = None
+    force: bool = False
+    retry_failed: bool = False
+
+
+@dataclass
+class AssetPlan:
+    """One asset's share of a plan: the partitions to run and the items behind them."""
+
+    asset_key: str
+    step_version: str
+    model_id: str
+    partitions: list[str] = field(default_factory=list)
+    states: dict[str, int] = field(default_factory=dict)
+    items_stale: int = 0
+    items_failed: int = 0
+
+
+@dataclass
+class ReprocessPlan:
+    """Per asset, what will run; the scope's owner (when scoped) and the OpenAI estimate."""
+
+    request: ReprocessRequest
+    owner_scope: uuid.UUID | None
+    video_count: int
+    assets: dict[str, AssetPlan]
+    estimated_openai_tokens: int = 0
+    estimated_openai_cost_usd: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return not any(a.partitions for a in self.assets.values())
+
+
+def _scope_videos(conn: Connection, request: ReprocessRequest) -> tuple[list[uuid.UUID], uuid.UUID | None]:
+    """READY videos of the scope (updated since ``since`` if given) and the owner the scope is bound to."""
+    if request.scope == "video":
+        if request.video_id is None:
+            raise ReprocessError("scope video needs a video id")
+        row = conn.execute(select(videos.c.owner_id, videos.c.status).where(videos.c.id == request.video_id)).first()
+        if row is None or (request.owner_id is not None and row.owner_id != request.owner_id):
+            # Same answer for "absent" and "another owner's": existence is not leaked across tenants.
+            owner = f" for owner {request.owner_id}" if request.owner_id else ""
+            raise ReprocessError(f"video {request.video_id} not found{owner}")
+        if row.status != "READY":
+            raise ReprocessError(f"video {request.video_id} is {row.status}, not READY: nothing to reprocess")
+        owner_scope = row.owner_id
+    elif request.scope == "owner":
+        if request.owner_id is None:
+            raise ReprocessError("scope owner needs an owner id")
+        if conn.execute(text("SELECT 1 FROM owners WHERE id = :o"), {"o": request.owner_id}).first() is None:
+            raise ReprocessError(f"owner {request.owner_id} not found")
+        owner_scope = request.owner_id
+    else:
+        owner_scope = None
+    q = select(videos.c.id).where(videos.c.status == "READY")
+    if request.scope == "video":
+        q = q.where(videos.c.id == request.video_id)
+    elif owner_scope is not None:
+        q = q.where(videos.c.owner_id == owner_scope)
+    if request.since is not None:
+        q = q.where(videos.c.updated_at >= request.since)
+    return list(conn.execute(q.order_by(videos.c.owner_id, videos.c.created_at, videos.c.id)).scalars()), owner_scope
+
+
+def plan_reprocess(conn: Connection, request: ReprocessRequest, models: dict[str, str]) -> ReprocessPlan:
+    """The partitions each asset must redo for ``request``; ``models``: the model id per asset now configured."""
+    video_ids, owner_scope = _scope_videos(conn, request)
+    owner_ids: list[uuid.UUID] = []
+    if request.scope == "owner":
+        owner_ids = [owner_scope]
+    elif request.scope == "all" and request.since is None:
+        owner_ids = list(conn.execute(text("SELECT id FROM owners ORDER BY created_at, id")).scalars())
+    elif request.scope == "all":  # owners whose persons changed since then
+        q = select(persons.c.owner_id).distinct().where(persons.c.updated_at >= request.since)
+        owner_ids = list(conn.execute(q).scalars())
+    wanted_states = {"stale", "missing"} | ({"failed"} if request.retry_failed else set())
+    plan = ReprocessPlan(request, owner_scope, len(video_ids), {})
+    for asset_key, rule in RULES.items():
+        step = SPEC.step(rule.step)
+        ids = video_ids if rule.partition == "video" else owner_ids
+        asset = AssetPlan(asset_key, step.version, models[asset_key])
+        if ids:
+            states = partition_states(conn, asset_key, models[asset_key], partition_ids=ids)
+            asset.partitions = [k for k, s in states.items() if request.force or s.state in wanted_states]
+            for s in states.values():
+                asset.states[s.state] = asset.states.get(s.state, 0) + 1
+            asset.items_stale = sum(s.items if request.force else s.stale_items for s in states.values())
+            asset.items_failed = sum(s.failed_items for s in states.values())
+        plan.assets[asset_key] = asset
+    text_plan = plan.assets["scene_text_embeddings"]
+    price = OPENAI_PRICE_PER_MILLION.get(text_plan.model_id)
+    if price is not None and text_plan.partitions:
+        plan.estimated_openai_tokens = _uncached_tokens(
+            conn, [uuid.UUID(k) for k in text_plan.partitions], text_plan.model_id
+        )
+        plan.estimated_openai_cost_usd = plan.estimated_openai_tokens / 1e6 * price
+    return plan
+
+
+def _uncached_tokens(conn: Connection, video_ids: list[uuid.UUID], model_id: str) -> int:
+    """Estimated tokens of the text inputs of these videos that the cache does not hold yet."""
+    from heimdex_assets.assets.scene_text import STEP, channel_input
+    from heimdex_assets.assets.video_runs import load_video_run
+
+    run = load_video_run(conn, [str(v) for v in video_ids])
+    texts = {
+        text_sha256(found[0]): found[0]
+        for scene in run.all_scenes
+        for channel in STEP.enabled_channels
+        if (found := channel_input(scene, channel))
+    }
+    cached = set(
+        conn.execute(
+            select(text_embedding_cache.c.text_sha256).where(
+                text_embedding_cache.c.model_id == model_id, text_embedding_cache.c.text_sha256.in_(list(texts))
+            )
+        ).scalars()
+    )
+    return sum(estimate_tokens(t) for sha, t in texts.items() if sha not in cached)
+
+
+def run_plan(
+    plan: ReprocessPlan,
+    resources: dict[str, object],
+    instance: object,
+    on_range_done: Callable[[str, object], None] | None = None,
+) -> dict[str, list]:
+    """Materialise every asset's partitions in-process (contiguous ranges of at most 50 a run)."""
+    from heimdex_assets.assets import DERIVED_ASSETS
+    from heimdex_assets.launch import contiguous_ranges, materialize_ranges
+    from heimdex_assets.partitions import owners_partitions, videos_partitions
+
+    by_key = {a.key.to_user_string(): a for a in DERIVED_ASSETS}
+    tags = {}
+    if plan.owner_scope is not None:
+        tags["heimdex/owner_id"] = str(plan.owner_scope)
+    if plan.request.force:
+        tags["heimdex/force"] = "true"
+    # Assets that redo the same partitions share runs: one run embeds text and CLIP of a range.
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for asset_key, asset in plan.assets.items():
+        if asset.partitions:
+            groups.setdefault((RULES[asset_key].partition, tuple(sorted(asset.partitions))), []).append(asset_key)
+    outcomes: dict[str, list] = {}
+    for (kind, keys), asset_keys in groups.items():
+        partitions_def = videos_partitions if kind == "video" else owners_partitions
+        known = instance.get_dynamic_partitions(partitions_def.name)
+        missing = [k for k in keys if k not in set(known)]
+        if missing:  # discovery has not run yet for these: register them, as the sensor would
+            instance.add_dynamic_partitions(partitions_def.name, missing)
+            known = instance.get_dynamic_partitions(partitions_def.name)
+        label = ", ".join(asset_keys)
+        outcomes[label] = materialize_ranges(
+            [by_key[k] for k in asset_keys],
+            contiguous_ranges(known, set(keys), 50),
+            resources,
+            instance,
+            tags=tags,
+            on_range_done=(lambda o, label=label: on_range_done(label, o)) if on_range_done else None,
+        )
+    return outcomes
+
+
+def configured_models(resources: dict[str, object]) -> dict[str, str]:
+    """The model id each asset's rows must carry to be fresh, from the configured resources."""
+    clip_model = resources["clip"].model_id
+    return {
+        asset_key: {"scene_text_embeddings": resources["text_embedder"].model_id, "scene_search_index": "bm25"}.get(
+            asset_key, clip_model
+        )
+        for asset_key in RULES
+    }

@@ -1,0 +1,121 @@
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, text, update
+
+from heimdex_assets.assets import scene_clip_embeddings, scene_search_index, scene_text_embeddings
+from heimdex_assets.db.tables import scene_text_vectors, scenes, videos
+from heimdex_assets.reprocess import ReprocessError, ReprocessRequest, plan_reprocess, run_plan
+from heimdex_assets.resources import OpenCvPersonDetector, SearchIndex
+from heimdex_assets.resources.text_embedder import estimate_tokens
+from heimdex_assets_tests.conftest import materialize_videos
+
+VIDEO_ASSETS = [scene_text_embeddings, scene_clip_embeddings, scene_search_index]
+
+
+@pytest.fixture
+def world(db, rows, resources, instance, tmp_path, clip, text_embedder):
+    a, b = rows.owner("a"), rows.owner("b")
+    vids = {a: [rows.video(a, 2) for _ in range(2)], b: [rows.video(b, 2)]}
+    resources = resources | {
+        "search_index": SearchIndex(sqlite_path=str(tmp_path / "scenes.sqlite")),
+        "person_detector": OpenCvPersonDetector(),
+    }
+    keys = [str(v) for vs in vids.values() for v in vs]
+    materialize_videos(VIDEO_ASSETS, keys, resources, instance)
+    models = {
+        "scene_text_embeddings": text_embedder.model_id,
+        "scene_clip_embeddings": clip.model_id,
+        "scene_person_embeddings": clip.model_id,
+        "scene_search_index": "bm25",
+        "person_photo_embeddings": clip.model_id,
+        "person_query_embeddings": clip.model_id,
+    }
+    return a, b, vids, resources, models
+
+
+def plan(db, models, **kw):
+    with db.engine.connect() as conn:
+        return plan_reprocess(conn, ReprocessRequest(**kw), models)
+
+
+def test_an_edited_transcript_plans_exactly_its_video_for_text_and_search(db, world):
+    a, _, vids, _, models = world
+    assert plan(db, models, scope="all").assets["scene_text_embeddings"].partitions == []
+    edited = vids[a][1]
+    with db.transaction() as conn:
+        conn.execute(
+            update(scenes)
+            .where(scenes.c.video_id == edited, scenes.c.scene_index == 0)
+            .values(transcript="The lighthouse keeper polished the lens at dusk.")
+        )
+    p = plan(db, models | {"scene_text_embeddings": "text-embedding-3-small"}, scope="all")
+    assert p.assets["scene_search_index"].partitions == [str(edited)]
+    assert p.assets["scene_clip_embeddings"].partitions == []
+    # Against another model every text partition is stale; the estimate counts texts not cached for it.
+    assert len(p.assets["scene_text_embeddings"].partitions) == 3
+    assert p.estimated_openai_tokens > estimate_tokens("The lighthouse keeper polished the lens at dusk.")
+    assert p.estimated_openai_cost_usd == pytest.approx(p.estimated_openai_tokens / 1e6 * 0.02)
+    p = plan(db, models, scope="all")
+    assert p.assets["scene_text_embeddings"].partitions == [str(edited)]
+    assert p.assets["scene_text_embeddings"].items_stale == 1
+
+
+def test_scopes_force_and_since(db, world):
+    a, b, vids, _, models = world
+    owner_plan = plan(db, models, scope="owner", owner_id=a, force=True)
+    assert owner_plan.owner_scope == a
+    assert sorted(owner_plan.assets["scene_clip_embeddings"].partitions) == sorted(str(v) for v in vids[a])
+    assert owner_plan.assets["person_photo_embeddings"].partitions == [str(a)]
+    video_plan = plan(db, models, scope="video", video_id=vids[b][0], force=True)
+    assert video_plan.owner_scope == b and video_plan.video_count == 1
+    assert video_plan.assets["person_photo_embeddings"].partitions == []
+    later = datetime.now(UTC) + timedelta(hours=1)
+    with db.transaction() as conn:
+        conn.execute(update(videos).where(videos.c.id == vids[a][0]).values(updated_at=later))
+    since_plan = plan(db, models, scope="all", since=later - timedelta(minutes=1), force=True)
+    assert since_plan.assets["scene_clip_embeddings"].partitions == [str(vids[a][0])]
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"scope": "video"}, "scope video needs a video id"),
+        ({"scope": "owner"}, "scope owner needs an owner id"),
+        ({"scope": "owner", "owner_id": uuid.UUID(int=7)}, f"owner {uuid.UUID(int=7)} not found"),
+    ],
+)
+def test_requests_that_cannot_be_planned(db, world, kw, message):
+    with pytest.raises(ReprocessError, match=message):
+        plan(db, world[4], **kw)
+
+
+def test_another_owners_video_is_not_found_in_an_owner_scope(db, world):
+    a, b, vids, _, models = world
+    with pytest.raises(ReprocessError, match=f"video {vids[b][0]} not found for owner {a}"):
+        plan(db, models, scope="video", video_id=vids[b][0], owner_id=a)
+
+
+def test_running_an_owner_plan_redoes_its_partitions_and_leaves_the_other_owner_alone(db, world, instance):
+    a, b, vids, resources, models = world
+    with db.transaction() as conn:
+        conn.execute(text("DELETE FROM scene_text_vectors WHERE owner_id = :a"), {"a": a})
+
+    def b_rows():
+        with db.engine.connect() as conn:
+            return conn.execute(
+                select(scene_text_vectors)
+                .where(scene_text_vectors.c.owner_id == b)
+                .order_by(scene_text_vectors.c.scene_id, scene_text_vectors.c.channel)
+            ).all()
+
+    before = b_rows()
+    p = plan(db, models, scope="owner", owner_id=a)
+    assert sorted(p.assets["scene_text_embeddings"].partitions) == sorted(str(v) for v in vids[a])
+    outcomes = run_plan(p, resources, instance)
+    assert all(o.success for runs in outcomes.values() for o in runs)
+    assert plan(db, models, scope="owner", owner_id=a).assets["scene_text_embeddings"].partitions == []
+    assert b_rows() == before
+    runs = instance.get_runs()
+    assert {r.tags.get("heimdex/owner_id") for r in runs if "heimdex/owner_id" in r.tags} == {str(a)}
