@@ -3,11 +3,11 @@
 import hashlib
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+import numpy as np
 from sqlalchemy import select
 
 from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG, Scene, load_video_run, run_flag
@@ -15,6 +15,7 @@ from heimdex_assets.db.failures import FailedItem, replace_video_failures
 from heimdex_assets.db.tables import scene_clip_vectors
 from heimdex_assets.db.vectors import replace_video_rows
 from heimdex_assets.partitions import videos_partitions
+from heimdex_assets.pipelining import prefetch_map
 from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder
 from heimdex_assets.resources.blob_store import BlobError
 from heimdex_assets.spec import SPEC
@@ -79,16 +80,33 @@ def scene_clip_embeddings(
     model_id = clip.model_id
     force = run_flag(context, FORCE_TAG)
 
-    # Reading and decoding overlap with the model: threads release the GIL in I/O and PIL.
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        loaded = list(pool.map(lambda s: load_thumbnail(blobs, clip, s), run.all_scenes))
-
     def unchanged(t: LoadedThumbnail) -> bool:
         row = existing.get(t.scene.id)
         return not force and row is not None and row.model_id == model_id and row.input_sha256 == t.sha256
 
-    to_embed = [t for t in loaded if t.error is None and not unchanged(t)]
-    vectors = dict(zip((t.scene.id for t in to_embed), clip.embed_tensors([t.tensor for t in to_embed]), strict=True))
+    # Threads read and decode the next thumbnails while the model embeds a full batch; at most two
+    # batches of images are held at a time, however many scenes the run has.
+    loaded: list[LoadedThumbnail] = []
+    batch: list[LoadedThumbnail] = []
+    vectors: dict[uuid.UUID, np.ndarray] = {}
+
+    def embed_batch() -> None:
+        for t, vector in zip(batch, clip.embed_tensors([t.tensor for t in batch]), strict=True):
+            vectors[t.scene.id] = vector
+            t.tensor = None
+        batch.clear()
+
+    thumbnails = prefetch_map(lambda s: load_thumbnail(blobs, clip, s), run.all_scenes, window=2 * clip.batch_size)
+    for t in thumbnails:
+        loaded.append(t)
+        if t.error is None and not unchanged(t):
+            batch.append(t)
+            if len(batch) == clip.batch_size:
+                embed_batch()
+        else:
+            t.tensor = None
+    if batch:
+        embed_batch()
 
     rows_of: dict[uuid.UUID, list[dict]] = {v: [] for v in run.scenes_of}
     failed_of: dict[uuid.UUID, list[FailedItem]] = {v: [] for v in run.scenes_of}
@@ -133,8 +151,8 @@ def scene_clip_embeddings(
             "videos_skipped": dg.MetadataValue.json(run.skipped),
             "scenes": len(loaded),
             "vectors_written": sum(len(r) for r in rows_of.values()),
-            "vectors_embedded": len(to_embed),
-            "vectors_unchanged": len(loaded) - len(to_embed) - len(failures),
+            "vectors_embedded": len(vectors),
+            "vectors_unchanged": len(loaded) - len(vectors) - len(failures),
             "failures": len(failures),
             "failure_reasons": dg.MetadataValue.json({f.item_id: f.reason for f in failures[:50]}),
             "step_version": STEP.version,
