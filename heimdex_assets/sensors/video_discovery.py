@@ -1,15 +1,12 @@
 """``video_discovery_sensor``: one ``videos`` partition per READY video; none for deleted ones."""
 
-import uuid
-
 import dagster as dg
 from sqlalchemy import Connection, delete, select
 
 from heimdex_assets.db.tables import embedding_failures, videos
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.resources import AppDatabase, SearchIndex
-
-MAX_NEW_PARTITIONS_PER_TICK = 25_000
+from heimdex_assets.sensors.discovery import MAX_NEW_PARTITIONS_PER_TICK, discovery_result, ids_of
 
 
 def plan_video_partitions(
@@ -49,19 +46,8 @@ def video_discovery_sensor(
         to_add, to_delete = plan_video_partitions(conn, existing)
         if to_delete:
             # Vectors went with their scenes (foreign keys); failure records have none.
-            conn.execute(
-                delete(embedding_failures).where(embedding_failures.c.video_id.in_([uuid.UUID(k) for k in to_delete]))
-            )
+            conn.execute(delete(embedding_failures).where(embedding_failures.c.video_id.in_(ids_of(to_delete))))
     if to_delete:
         # Their documents, in every index version: deleted videos must not be found any more.
         search_index.delete_videos(None, to_delete)
-    requests = []
-    if to_add:
-        requests.append(videos_partitions.build_add_request(to_add))
-    if to_delete:
-        requests.append(videos_partitions.build_delete_request(to_delete))
-    context.log.info(f"videos partitions: +{len(to_add)} -{len(to_delete)} (had {len(existing)})")
-    return dg.SensorResult(
-        dynamic_partitions_requests=requests,
-        skip_reason=None if requests else dg.SkipReason("every READY video has its partition"),
-    )
+    return discovery_result(context, videos_partitions, len(existing), to_add, to_delete)
