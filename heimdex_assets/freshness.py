@@ -146,16 +146,20 @@ def partition_states(
     scope = (f" AND {rule.owner_column} = :owner" if owner_id else "") + (
         f" AND {rule.partition_column} = ANY(:ids)" if partition_ids is not None else ""
     )
+    # Hash joins against this version's rows and failures (each matches at most once: both are keyed
+    # by item and version) answer for every partition in one pass instead of a probe per item.
     sql = f"""
         WITH items AS ({rule.items.format(scope=scope)}),
         judged AS (
             SELECT i.partition_id,
-                   EXISTS (SELECT 1 FROM {rule.table} r WHERE r.step_version = :version AND {rule.done}) AS done,
-                   EXISTS (SELECT 1 FROM embedding_failures f WHERE f.step = :step AND f.step_version = :version
-                           AND f.item_id = i.item_id AND f.model_id = :model
-                           AND f.input_sha256 = coalesce(i.sha, f.input_sha256)
-                           AND f.failed_at > now() - :backoff) AS failed
+                   r.step_version IS NOT NULL AS done,
+                   f.step IS NOT NULL AS failed
             FROM items i
+            LEFT JOIN {rule.table} r ON r.step_version = :version AND {rule.done}
+            LEFT JOIN embedding_failures f ON f.step = :step AND f.step_version = :version
+                 AND f.item_id = i.item_id AND f.model_id = :model
+                 AND f.input_sha256 = coalesce(i.sha, f.input_sha256)
+                 AND f.failed_at > now() - :backoff
         )
         SELECT partition_id, count(*) AS items,
                count(*) FILTER (WHERE NOT done AND NOT failed) AS stale,
