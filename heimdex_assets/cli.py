@@ -68,17 +68,14 @@ def _print_demo(summary: dict) -> None:
 
 
 def reprocess(args: argparse.Namespace) -> dict:
-    """Plan (and with --sync, run) the reprocessing of a scope, like the seed's CLI, on Dagster."""
+    """Plan the reprocessing of a scope, like the seed's CLI, and launch it as backfills on the Dagster
+    deployment (``HEIMDEX_DAGSTER_GRAPHQL_URL``), or with --sync run it in this process."""
+    from heimdex_assets.backfills import BackfillError, graphql_url_from_env, launch_plan_backfills
     from heimdex_assets.launch import dagster_instance
     from heimdex_assets.partitions import canonical_uuid
     from heimdex_assets.reprocess import ReprocessRequest, configured_models, plan_reprocess, run_plan
     from heimdex_assets.settings import resources_from_env
 
-    if not (args.dry_run or args.sync):
-        raise CliError(
-            "choose --dry-run (show the plan) or --sync (run it in this process); launching backfills on a "
-            "Dagster deployment from the CLI is not available yet: use the Dagster UI's backfill page"
-        )
     try:
         since = datetime.fromisoformat(args.since) if args.since else None
     except ValueError:
@@ -117,6 +114,19 @@ def reprocess(args: argparse.Namespace) -> dict:
     }
     if args.dry_run or plan.empty:
         return result | {"message": "nothing to do: every partition is fresh" if plan.empty else "plan only"}
+    if not args.sync:
+        try:
+            launched = launch_plan_backfills(plan, graphql_url_from_env())
+        except BackfillError as exc:
+            raise CliError(str(exc)) from None
+        ids = ", ".join(b.backfill_id for b in launched)
+        return result | {
+            "backfills": [
+                {"backfill_id": b.backfill_id, "assets": b.asset_keys, "partitions": b.partition_count}
+                for b in launched
+            ],
+            "message": f"launched {len(launched)} backfill(s) with spec {LATEST_EMBEDDING_SPEC_VERSION}: {ids}",
+        }
     say = (lambda _: None) if args.json else (lambda msg: print(msg, flush=True))
     say(f"Using embedding spec version: {LATEST_EMBEDDING_SPEC_VERSION}")
     totals: dict[str, int] = {}
@@ -258,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every partition of the scope, fresh or not")
     p.add_argument("--retry-failed", action="store_true", help="also retry items that failed recently")
     p.add_argument("--dry-run", action="store_true", help="show the plan (partitions, items, OpenAI estimate)")
-    p.add_argument("--sync", action="store_true", help="run in this process, with progress")
+    p.add_argument(
+        "--sync", action="store_true", help="run in this process, with progress (default: launch backfills on Dagster)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=reprocess, printer=_print_reprocess)
 

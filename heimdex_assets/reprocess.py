@@ -17,6 +17,7 @@ from typing import Literal
 
 from sqlalchemy import Connection, select, text
 
+from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG
 from heimdex_assets.db.tables import persons, text_embedding_cache, videos
 from heimdex_assets.freshness import RULES, partition_states
 from heimdex_assets.resources.text_embedder import estimate_tokens
@@ -165,6 +166,34 @@ def _uncached_tokens(conn: Connection, video_ids: list[uuid.UUID], model_id: str
     return sum(estimate_tokens(t) for sha, t in texts.items() if sha not in cached)
 
 
+@dataclass(frozen=True)
+class PartitionGroup:
+    """Assets of a plan that redo exactly the same partitions of the same partitioning."""
+
+    partitioning: str  # "video" or "owner"
+    partitions: list[str]
+    asset_keys: list[str]
+
+
+def partition_groups(plan: ReprocessPlan) -> list[PartitionGroup]:
+    """The plan's assets grouped by the partitions they redo, so that one run does them all."""
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for asset_key, asset in plan.assets.items():
+        if asset.partitions:
+            groups.setdefault((RULES[asset_key].partition, tuple(sorted(asset.partitions))), []).append(asset_key)
+    return [PartitionGroup(kind, list(keys), asset_keys) for (kind, keys), asset_keys in groups.items()]
+
+
+def plan_tags(plan: ReprocessPlan) -> dict[str, str]:
+    """The tags every run of the plan carries: its owner scope (when scoped) and whether it is forced."""
+    tags = {}
+    if plan.owner_scope is not None:
+        tags[OWNER_SCOPE_TAG] = str(plan.owner_scope)
+    if plan.request.force:
+        tags[FORCE_TAG] = "true"
+    return tags
+
+
 def run_plan(
     plan: ReprocessPlan,
     resources: dict[str, object],
@@ -177,19 +206,11 @@ def run_plan(
     from heimdex_assets.partitions import owners_partitions, videos_partitions
 
     by_key = {a.key.to_user_string(): a for a in DERIVED_ASSETS}
-    tags = {}
-    if plan.owner_scope is not None:
-        tags["heimdex/owner_id"] = str(plan.owner_scope)
-    if plan.request.force:
-        tags["heimdex/force"] = "true"
-    # Assets that redo the same partitions share runs: one run embeds text and CLIP of a range.
-    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
-    for asset_key, asset in plan.assets.items():
-        if asset.partitions:
-            groups.setdefault((RULES[asset_key].partition, tuple(sorted(asset.partitions))), []).append(asset_key)
+    tags = plan_tags(plan)
     outcomes: dict[str, list] = {}
-    for (kind, keys), asset_keys in groups.items():
-        partitions_def = videos_partitions if kind == "video" else owners_partitions
+    for group in partition_groups(plan):
+        keys, asset_keys = group.partitions, group.asset_keys
+        partitions_def = videos_partitions if group.partitioning == "video" else owners_partitions
         known = instance.get_dynamic_partitions(partitions_def.name)
         missing = [k for k in keys if k not in set(known)]
         if missing:  # discovery has not run yet for these: register them, as the sensor would

@@ -1,6 +1,7 @@
 """The ``heimdex`` command end to end: demo on the defaults (embedded search, CLIP fallback), status, search."""
 
 import json
+import socket
 
 import pytest
 from sqlalchemy import text
@@ -118,7 +119,6 @@ def test_demo_materialises_all_six_assets_twice_to_the_same_state(env, capsys, d
     [
         (["search", "--owner-id", "42", "x"], "heimdex: error: malformed owner id '42'"),
         (["search", "--owner-id", "3f2b8c1e-7d4a-4c3e-9a51-0b6e2f1d9c70", "  "], "heimdex: error: empty query"),
-        (["reprocess", "--scope", "all"], "heimdex: error: choose --dry-run (show the plan) or --sync"),
         (["reprocess", "--scope", "video", "--dry-run"], "heimdex: error: scope video needs a video id"),
         (["reprocess", "--scope", "all", "--since", "yesterday", "--dry-run"], "heimdex: error: malformed --since"),
     ],
@@ -127,6 +127,18 @@ def test_bad_input_gets_one_line_on_stderr(env, capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 1 and out == ""
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_reprocess_names_an_unreachable_dagster_webserver_in_one_line(env, capsys, monkeypatch, rows):
+    owner = rows.owner()
+    rows.video(owner, n_scenes=1)  # missing everywhere: the plan has something to launch
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/graphql"
+    monkeypatch.setenv("HEIMDEX_DAGSTER_GRAPHQL_URL", url)
+    code, out, err = run_cli(capsys, "reprocess", "--scope", "owner", "--owner-id", str(owner))
+    assert (code, out) == (1, "")
+    assert err == f"heimdex: error: cannot reach the Dagster webserver at {url}: ConnectError\n"
 
 
 def test_a_database_that_is_down_is_named_without_its_password(env, capsys, monkeypatch):

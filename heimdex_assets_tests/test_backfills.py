@@ -1,0 +1,218 @@
+"""``heimdex reprocess`` on a deployment: backfills launched through a real dagster-webserver and run
+by a real dagster-daemon (backfill daemon, queued run coordinator), against the test database."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import pytest
+from sqlalchemy import select
+
+from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG
+from heimdex_assets.backfills import BackfillError, backfill_status
+from heimdex_assets.cli import main
+from heimdex_assets.db.tables import scene_clip_vectors, scene_search_documents, scene_text_vectors, scenes
+from heimdex_assets.reprocess import ReprocessRequest, configured_models, plan_reprocess
+from heimdex_assets.resources.clip_embedder import TINY_MODEL
+from heimdex_assets.spec import SPEC
+
+BIN = Path(sys.executable).parent  # the venv's dagster-webserver and dagster-daemon
+REPO = Path(__file__).resolve().parents[1]
+WEBSERVER_START_S = 120
+BACKFILL_DONE_S = 240
+_WORKSPACE_STATUS = """
+{ workspaceOrError { __typename ... on Workspace { locationEntries {
+    name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    """A Dagster deployment of the code location in a temp DAGSTER_HOME: webserver and daemon as processes."""
+
+    def __init__(self, tmp_path: Path, database_url: str, clip_checkpoint: Path) -> None:
+        self.home = tmp_path / "dagster-home"
+        self.home.mkdir()
+        (self.home / "dagster.yaml").write_text(
+            "telemetry:\n  enabled: false\n"
+            "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: QueuedRunCoordinator\n"
+            "  config:\n    dequeue_interval_seconds: 1\n"
+        )
+        self.workspace = tmp_path / "workspace.yaml"
+        self.workspace.write_text(
+            "load_from:\n  - python_module:\n      module_name: heimdex_assets.definitions\n"
+            f"      location_name: heimdex_assets\n      working_directory: {REPO}\n"
+        )
+        self.env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "HEIMDEX_OPENSEARCH_URL")}
+        self.env |= {
+            "DAGSTER_HOME": str(self.home),
+            "HEIMDEX_HOME": str(tmp_path / "heimdex-home"),
+            "HEIMDEX_DATABASE_URL": database_url,
+            "HEIMDEX_SEARCH_SQLITE_PATH": str(tmp_path / "search" / "scenes.sqlite"),
+            "HEIMDEX_CLIP_MODEL": TINY_MODEL,
+            "HEIMDEX_CLIP_CHECKPOINT": str(clip_checkpoint),
+            "HEIMDEX_CLIP_FALLBACK": "none",
+            "HEIMDEX_CLIP_DEVICE": "cpu",
+            "HEIMDEX_TEXT_PROVIDER": "local",
+            "HF_HUB_OFFLINE": "1",
+        }
+        self.graphql_url = f"http://127.0.0.1:{free_port()}/graphql"
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            # Own process group: stopping it stops the code servers and run workers it spawned.
+            self.processes[name] = subprocess.Popen(
+                argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+
+    def start_webserver(self) -> None:
+        """Start dagster-webserver and wait until it has loaded the code location."""
+        port = httpx.URL(self.graphql_url).port
+        argv = [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", str(self.workspace)]
+        self._start("webserver", argv)
+        deadline = time.monotonic() + WEBSERVER_START_S
+        while time.monotonic() < deadline:
+            assert self.processes["webserver"].poll() is None, f"webserver exited:\n{self.log_tail('webserver')}"
+            try:
+                data = httpx.post(self.graphql_url, json={"query": _WORKSPACE_STATUS}, timeout=5).json()["data"]
+            except (httpx.HTTPError, ValueError, KeyError):
+                time.sleep(0.5)
+                continue
+            entries = data["workspaceOrError"].get("locationEntries") or []
+            if entries and entries[0]["loadStatus"] == "LOADED":
+                error = entries[0]["locationOrLoadError"]
+                assert error["__typename"] != "PythonError", f"code location failed to load: {error['message']}"
+                return
+            time.sleep(0.5)
+        pytest.fail(
+            f"the webserver did not load the code location in {WEBSERVER_START_S} s:\n{self.log_tail('webserver')}"
+        )
+
+    def start_daemon(self) -> None:
+        self._start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(self.workspace)])
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            # Whatever the group leader left behind (a code server, a run worker) goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, database_url: str, tiny_clip_checkpoint: Path) -> Iterator[Deployment]:
+    deployment = Deployment(tmp_path, database_url, tiny_clip_checkpoint)
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def wait_for_backfills(deployment: Deployment, backfill_ids: list[str]) -> dict[str, dict]:
+    deadline = time.monotonic() + BACKFILL_DONE_S
+    statuses: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        statuses = {b: backfill_status(deployment.graphql_url, b) for b in backfill_ids}
+        if all(s["done"] for s in statuses.values()):
+            return statuses
+        assert deployment.processes["daemon"].poll() is None, f"daemon exited:\n{deployment.log_tail('daemon')}"
+        time.sleep(1)
+    pytest.fail(f"backfills not done in {BACKFILL_DONE_S} s: {statuses}\n{deployment.log_tail('daemon')}")
+
+
+def test_heimdex_reprocess_launches_backfills_that_the_daemon_runs_for_one_owner_only(
+    deployment, db, rows, clip, text_embedder, monkeypatch, capsys
+):
+    a, b = rows.owner("a"), rows.owner("b")
+    videos_a = [rows.video(a, n_scenes=2), rows.video(a, n_scenes=2)]
+    rows.video(b, n_scenes=2)
+    with db.engine.connect() as conn:
+        scenes_a = set(conn.execute(select(scenes.c.id).where(scenes.c.owner_id == a)).scalars())
+    # The CLI plans with the same configuration as the code location, and launches on its webserver.
+    for name, value in deployment.env.items():
+        if name.startswith("HEIMDEX_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("HEIMDEX_DAGSTER_GRAPHQL_URL", deployment.graphql_url)
+
+    deployment.start_webserver()
+    instance = dg.DagsterInstance.from_config(str(deployment.home))
+    # One video registered as discovery would; the other not yet: the launch must add it.
+    instance.add_dynamic_partitions("videos", [str(videos_a[0])])
+    started = time.monotonic()
+    code = main(["reprocess", "--scope", "owner", "--owner-id", str(a), "--force", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    launched = json.loads(out)["backfills"]
+    assert set(instance.get_dynamic_partitions("videos")) == {str(v) for v in videos_a}
+    assert instance.get_dynamic_partitions("owners") == [str(a)]
+    assert {tuple(sorted(lb["assets"])): lb["partitions"] for lb in launched} == {
+        ("scene_clip_embeddings", "scene_person_embeddings", "scene_search_index", "scene_text_embeddings"): 2,
+        ("person_photo_embeddings", "person_query_embeddings"): 1,
+    }
+
+    deployment.start_daemon()
+    statuses = wait_for_backfills(deployment, [lb["backfill_id"] for lb in launched])
+    print(f"backfills done {time.monotonic() - started:.1f} s after launch")
+    for launched_backfill in launched:
+        status = statuses[launched_backfill["backfill_id"]]
+        assert status["status"] == "COMPLETED_SUCCESS", status
+        assert status["failed"] == 0 and status["completed"] == status["requested"]
+        assert status["requested"] == len(launched_backfill["assets"]) * launched_backfill["partitions"]
+
+    def owner_rows(table, owner):
+        with db.engine.connect() as conn:
+            return conn.execute(select(table).where(table.c.owner_id == owner)).all()
+
+    text_rows, clip_rows = owner_rows(scene_text_vectors, a), owner_rows(scene_clip_vectors, a)
+    assert {r.scene_id for r in text_rows} == scenes_a == {r.scene_id for r in clip_rows}
+    assert {(r.step_version, r.model_id) for r in text_rows} == {
+        (SPEC.step("scene_text").version, text_embedder.model_id)
+    }
+    assert {(r.step_version, r.model_id) for r in clip_rows} == {(SPEC.step("scene_clip").version, clip.model_id)}
+    assert {r.scene_id for r in owner_rows(scene_search_documents, a)} == scenes_a
+    for table in (scene_text_vectors, scene_clip_vectors, scene_search_documents):
+        assert owner_rows(table, b) == []
+    with db.engine.connect() as conn:
+        fresh = plan_reprocess(
+            conn,
+            ReprocessRequest(scope="owner", owner_id=a),
+            configured_models({"clip": clip, "text_embedder": text_embedder}),
+        )
+    assert fresh.empty
+
+    for launched_backfill in launched:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": launched_backfill["backfill_id"]}))
+        # One run over the range of partitions, for all the group's assets: never a run per video.
+        assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.SUCCESS
+        assert set(runs[0].asset_selection) == {dg.AssetKey(k) for k in launched_backfill["assets"]}
+        assert (runs[0].tags.get(OWNER_SCOPE_TAG), runs[0].tags.get(FORCE_TAG)) == (str(a), "true")
+    with pytest.raises(BackfillError, match=r"^Dagster has no backfill nonesuch$"):
+        backfill_status(deployment.graphql_url, "nonesuch")
