@@ -10,7 +10,7 @@ from pydantic import PrivateAttr
 from sqlalchemy import Connection, Engine
 
 from heimdex_assets.db.embedded import default_server
-from heimdex_assets.db.engine import connect, migrate, redact
+from heimdex_assets.db.engine import connect, migrate
 
 
 def resolve_database_url(url: str | None) -> str:
@@ -50,7 +50,7 @@ class AppDatabase(dg.ConfigurableResource):
 
     def describe(self) -> str:
         """The database URL without its password."""
-        return redact(str(self.engine.url.render_as_string(hide_password=False)))
+        return self.engine.url.render_as_string(hide_password=True)
 
 
 _ENGINES: dict[str, Engine] = {}
