@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from heimdex_assets.assets.video_runs import OWNER_SCOPE_TAG
 from heimdex_assets.partitions import owners_partitions, videos_partitions
 from heimdex_assets.reprocess import PartitionGroup, ReprocessPlan, partition_groups, plan_tags
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
@@ -49,6 +50,7 @@ query BackfillStatus($id: String!) {
     ... on PartitionBackfill {
       status
       numPartitions
+      tags { key value }
       error { message }
       assetBackfillData {
         assetBackfillStatuses {
@@ -70,6 +72,10 @@ query BackfillStatus($id: String!) {
 
 class BackfillError(RuntimeError):
     """The deployment could not be reached or refused the request; the message is one line."""
+
+
+class BackfillNotFoundError(BackfillError):
+    """The deployment has no backfill of that id."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ def backfill_status(graphql_url: str, backfill_id: str, *, timeout_s: float = 30
     with _Client(graphql_url, timeout_s) as client:
         found = client.execute(_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
     if found["__typename"] == "BackfillNotFoundError":
-        raise BackfillError(f"Dagster has no backfill {backfill_id}")
+        raise BackfillNotFoundError(f"Dagster has no backfill {backfill_id}")
     if found["__typename"] != "PartitionBackfill":
         raise BackfillError(f"Dagster could not read the backfill {backfill_id}: {_error_message(found)}")
     assets = {
@@ -140,6 +146,7 @@ def backfill_status(graphql_url: str, backfill_id: str, *, timeout_s: float = 30
         "assets": assets,
         **totals,
         "error": _first_line(found["error"]["message"]) if found["error"] else None,
+        "owner_scope": next((t["value"] for t in found.get("tags") or [] if t["key"] == OWNER_SCOPE_TAG), None),
     }
 
 

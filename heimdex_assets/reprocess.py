@@ -34,7 +34,11 @@ OPENAI_PRICE_PER_MILLION = {
 
 
 class ReprocessError(ValueError):
-    """A request that cannot be planned (missing id for its scope, unknown video or owner)."""
+    """A request that cannot be planned (missing id for its scope, a video not READY)."""
+
+
+class ScopeNotFoundError(ReprocessError):
+    """The scope's video or owner does not exist (or, equally, belongs to another owner)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def _scope_videos(conn: Connection, request: ReprocessRequest) -> tuple[list[uui
         if row is None or (request.owner_id is not None and row.owner_id != request.owner_id):
             # Same answer for "absent" and "another owner's": existence is not leaked across tenants.
             owner = f" for owner {request.owner_id}" if request.owner_id else ""
-            raise ReprocessError(f"video {request.video_id} not found{owner}")
+            raise ScopeNotFoundError(f"video {request.video_id} not found{owner}")
         if row.status != "READY":
             raise ReprocessError(f"video {request.video_id} is {row.status}, not READY: nothing to reprocess")
         owner_scope = row.owner_id
@@ -95,7 +99,7 @@ def _scope_videos(conn: Connection, request: ReprocessRequest) -> tuple[list[uui
         if request.owner_id is None:
             raise ReprocessError("scope owner needs an owner id")
         if conn.execute(text("SELECT 1 FROM owners WHERE id = :o"), {"o": request.owner_id}).first() is None:
-            raise ReprocessError(f"owner {request.owner_id} not found")
+            raise ScopeNotFoundError(f"owner {request.owner_id} not found")
         owner_scope = request.owner_id
     else:
         owner_scope = None

@@ -1,0 +1,6 @@
+"""The admin REST API: ``create_app`` builds it; ``uvicorn heimdex_assets.api.app:app`` serves it."""
+
+from heimdex_assets.api.app import ReprocessBody, ReprocessResponse, create_app
+from heimdex_assets.api.auth import JWT_SECRET_ENV, AuthConfigError, Principal
+
+__all__ = ["JWT_SECRET_ENV", "AuthConfigError", "Principal", "ReprocessBody", "ReprocessResponse", "create_app"]

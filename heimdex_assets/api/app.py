@@ -1,0 +1,200 @@
+"""The admin REST API: the seed's ``POST /v1/admin/reprocess-embeddings``, launched as Dagster backfills.
+
+A request is planned with ``plan_reprocess`` (what the current spec makes stale, in the scope) and
+launched with ``launch_plan_backfills`` on the webserver at ``HEIMDEX_DAGSTER_GRAPHQL_URL``; the
+response carries the backfill ids, whose progress ``GET /v1/admin/reprocess-embeddings/{id}`` reports.
+Serve it with ``uvicorn heimdex_assets.api.app:app`` (or ``--factory heimdex_assets.api.app:create_app``).
+"""
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from heimdex_assets.api.auth import (
+    AuthConfigError,
+    Principal,
+    jwt_secret_from_env,
+    require_admin,
+    unauthorized,
+    verify_token,
+)
+from heimdex_assets.backfills import (
+    BackfillError,
+    BackfillNotFoundError,
+    backfill_status,
+    graphql_url_from_env,
+    launch_plan_backfills,
+)
+from heimdex_assets.db.engine import DatabaseUnavailableError
+from heimdex_assets.reprocess import (
+    ReprocessError,
+    ReprocessRequest,
+    ScopeNotFoundError,
+    configured_models,
+    plan_reprocess,
+)
+from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
+
+# Dagster backfill ids are short lowercase strings; anything else is refused before reaching GraphQL.
+BACKFILL_ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
+
+
+class ReprocessBody(BaseModel):
+    """The seed's request body, plus ``since`` (only videos updated since then) and ``retry_failed``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scope: Literal["video", "owner", "all"]
+    video_id: uuid.UUID | None = None
+    owner_id: uuid.UUID | None = None
+    force: bool = False
+    since: datetime | None = None
+    retry_failed: bool = False
+
+    @model_validator(mode="after")
+    def _ids_for_scope(self) -> "ReprocessBody":
+        if self.scope == "video" and self.video_id is None:
+            raise ValueError("scope video needs video_id")
+        if self.scope == "owner" and self.owner_id is None:
+            raise ValueError("scope owner needs owner_id")
+        return self
+
+
+class LaunchedBackfillOut(BaseModel):
+    backfill_id: str
+    assets: list[str]
+    partitions: int
+
+
+class ReprocessResponse(BaseModel):
+    """The seed's response, plus the backfills that carry the work."""
+
+    status: Literal["queued", "nothing_to_do"]
+    spec_version: str
+    scope: str
+    video_count: int
+    message: str
+    backfill_ids: list[str]
+    backfills: list[LaunchedBackfillOut]
+
+
+def scoped_request(body: ReprocessBody, principal: Principal) -> ReprocessRequest:
+    """The request ``principal`` may make: an owner-scoped token reaches its own owner's videos only."""
+    owner_id = body.owner_id
+    confined = principal.owner_id
+    if confined is not None:
+        if body.scope == "all":
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this token may only reprocess owner {confined}")
+        if owner_id not in (None, confined):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this token may only reprocess owner {confined}")
+        # For scope video the planner then answers "not found" for another owner's video, as for an unknown one.
+        owner_id = confined
+    since = body.since.replace(tzinfo=UTC) if body.since and body.since.tzinfo is None else body.since
+    return ReprocessRequest(
+        scope=body.scope,
+        video_id=body.video_id if body.scope == "video" else None,
+        owner_id=owner_id,
+        since=since,
+        force=body.force,
+        retry_failed=body.retry_failed,
+    )
+
+
+def create_app(
+    resources: dict[str, object] | None = None, graphql_url: str | None = None, jwt_secret: str | None = None
+) -> FastAPI:
+    """The admin API over ``resources`` (default: from the environment, as the CLI) and the Dagster
+    webserver at ``graphql_url`` (default: ``HEIMDEX_DAGSTER_GRAPHQL_URL``). Raises AuthConfigError
+    without a JWT secret (``jwt_secret`` or ``HEIMDEX_JWT_SECRET``)."""
+    from heimdex_assets.settings import resources_from_env
+
+    secret = jwt_secret_from_env(jwt_secret)
+    resources = resources if resources is not None else resources_from_env(deferred=False)
+    graphql_url = graphql_url or graphql_url_from_env()
+    bearer = HTTPBearer(auto_error=False)  # so that a missing token is a 401 of ours, with its header
+
+    def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+        if credentials is None:
+            raise unauthorized("missing bearer token")
+        return require_admin(verify_token(credentials.credentials, secret))
+
+    router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+    @router.post("/reprocess-embeddings", response_model=ReprocessResponse)
+    def reprocess_embeddings(body: ReprocessBody, principal: Annotated[Principal, Depends(admin)]) -> dict:
+        """Plan what the latest embedding spec makes stale in the scope and queue it as Dagster backfills."""
+        request = scoped_request(body, principal)
+        try:
+            with resources["db"].engine.connect() as conn:
+                plan = plan_reprocess(conn, request, configured_models(resources))
+        except ScopeNotFoundError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+        except ReprocessError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+        except DatabaseUnavailableError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        result = {
+            "spec_version": LATEST_EMBEDDING_SPEC_VERSION,
+            "scope": request.scope,
+            "video_count": plan.video_count,
+            "backfill_ids": [],
+            "backfills": [],
+        }
+        if plan.empty:
+            message = f"Nothing to reprocess for {plan.video_count} video(s): all fresh for spec version "
+            return result | {"status": "nothing_to_do", "message": message + LATEST_EMBEDDING_SPEC_VERSION}
+        try:
+            launched = launch_plan_backfills(plan, graphql_url)
+        except BackfillError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        return result | {
+            "status": "queued",
+            "message": f"Queued embedding reprocessing for {plan.video_count} video(s) "
+            f"using spec version {LATEST_EMBEDDING_SPEC_VERSION}",
+            "backfill_ids": [b.backfill_id for b in launched],
+            "backfills": [
+                {"backfill_id": b.backfill_id, "assets": b.asset_keys, "partitions": b.partition_count}
+                for b in launched
+            ],
+        }
+
+    @router.get("/reprocess-embeddings/{backfill_id}")
+    def reprocess_progress(
+        backfill_id: Annotated[str, Path(pattern=BACKFILL_ID_PATTERN)], principal: Annotated[Principal, Depends(admin)]
+    ) -> dict:
+        """A launched backfill's status and partitions requested / in progress / completed / failed."""
+        try:
+            progress = backfill_status(graphql_url, backfill_id)
+        except BackfillNotFoundError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+        except BackfillError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        if principal.owner_id is not None and progress["owner_scope"] != str(principal.owner_id):
+            # Another owner's backfill (or one of all owners) is "not found" for an owner-scoped token.
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Dagster has no backfill {backfill_id}")
+        return progress
+
+    app = FastAPI(title="Heimdex admin API", version=LATEST_EMBEDDING_SPEC_VERSION)
+    app.include_router(router)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> FastAPI:
+    """``app``, built from the environment on first access, for ``uvicorn heimdex_assets.api.app:app``;
+    without a usable JWT secret the process stops with one line, not a traceback."""
+    global _app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _app is None:
+        try:
+            _app = create_app()
+        except AuthConfigError as exc:
+            raise SystemExit(f"heimdex admin API: {exc}") from None
+    return _app

@@ -1,0 +1,225 @@
+"""The admin REST API through FastAPI's TestClient, against the real database and, for launches, a
+real dagster-webserver (no daemon: a launched backfill stays REQUESTED, which is what is asserted)."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import jwt
+import pytest
+from fastapi.testclient import TestClient
+
+from heimdex_assets.api import create_app
+from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG
+from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
+from heimdex_assets_tests.test_backfills import REPO, Deployment, free_port
+
+SECRET = "api-test-secret-0123456789abcdef0123456789"
+URL = "/v1/admin/reprocess-embeddings"
+
+
+def token(role: str = "admin", owner_id: uuid.UUID | None = None, expires_in_s: int = 300, secret: str = SECRET) -> str:
+    claims = {"sub": "ops@example.com", "role": role, "exp": int(time.time()) + expires_in_s}
+    if owner_id is not None:
+        claims["owner_id"] = str(owner_id)
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+@pytest.fixture
+def unreachable_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/graphql"  # nothing listens there
+
+
+@pytest.fixture
+def client(db, clip, text_embedder, unreachable_url) -> TestClient:
+    app = create_app({"db": db, "clip": clip, "text_embedder": text_embedder}, unreachable_url, SECRET)
+    return TestClient(app)
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, "missing bearer token"),
+        ({"Authorization": "Basic b3BzOnB3"}, "missing bearer token"),
+        (bearer("not-a-jwt"), "invalid token: Not enough segments"),
+        (
+            bearer(token(secret="another-secret-0123456789abcdef0123456789")),
+            "invalid token: Signature verification failed",
+        ),
+        (bearer(token(expires_in_s=-60)), "token expired"),
+    ],
+    ids=["none", "basic", "malformed", "bad-signature", "expired"],
+)
+def test_requests_without_a_valid_token_are_401_with_a_bearer_challenge(client, headers, detail):
+    for response in (
+        client.post(URL, json={"scope": "all"}, headers=headers),
+        client.get(f"{URL}/abcdefgh", headers=headers),
+    ):
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert response.json() == {"detail": detail}
+        assert SECRET not in response.text
+        if "Authorization" in headers:
+            assert headers["Authorization"].split()[-1] not in response.text
+
+
+def test_non_admins_and_owner_scoped_admins_beyond_their_owner_are_403(client, rows):
+    a, b = rows.owner("a"), rows.owner("b")
+    response = client.post(URL, json={"scope": "owner", "owner_id": str(a)}, headers=bearer(token(role="viewer")))
+    assert (response.status_code, response.json()["detail"]) == (403, "role 'admin' required")
+    scoped = bearer(token(owner_id=a))
+    for body in ({"scope": "all"}, {"scope": "owner", "owner_id": str(b)}):
+        response = client.post(URL, json=body, headers=scoped)
+        assert (response.status_code, response.json()["detail"]) == (403, f"this token may only reprocess owner {a}")
+
+
+def test_invalid_bodies_are_422(client, rows):
+    headers = bearer(token())
+    missing = client.post(URL, json={"scope": "video", "force": False}, headers=headers)
+    assert missing.status_code == 422
+    assert "scope video needs video_id" in missing.text
+    malformed = client.post(URL, json={"scope": "video", "video_id": "12345"}, headers=headers)
+    assert malformed.status_code == 422
+    assert malformed.json()["detail"][0]["loc"] == ["body", "video_id"]
+    assert client.post(URL, json={"scope": "everything"}, headers=headers).status_code == 422
+    processing = rows.video(rows.owner(), n_scenes=1, status="PROCESSING")
+    response = client.post(URL, json={"scope": "video", "video_id": str(processing)}, headers=headers)
+    assert (response.status_code, response.json()["detail"]) == (
+        422,
+        f"video {processing} is PROCESSING, not READY: nothing to reprocess",
+    )
+
+
+def test_unknown_video_and_another_owners_video_are_the_same_404(client, rows):
+    a, b = rows.owner("a"), rows.owner("b")
+    video_b = rows.video(b, n_scenes=1)
+    unknown = uuid.uuid4()
+    response = client.post(URL, json={"scope": "video", "video_id": str(unknown)}, headers=bearer(token()))
+    assert (response.status_code, response.json()["detail"]) == (404, f"video {unknown} not found")
+    response = client.post(URL, json={"scope": "owner", "owner_id": str(unknown)}, headers=bearer(token()))
+    assert (response.status_code, response.json()["detail"]) == (404, f"owner {unknown} not found")
+
+    scoped = bearer(token(owner_id=a))
+    # Nothing launched either: the webserver URL is unreachable, so a launch attempt would be a 503.
+    details = {}
+    for video in (unknown, video_b):
+        response = client.post(URL, json={"scope": "video", "video_id": str(video), "force": True}, headers=scoped)
+        assert response.status_code == 404
+        details[video] = response.json()["detail"].replace(str(video), "<id>")
+    assert details[unknown] == details[video_b] == f"video <id> not found for owner {a}"
+
+
+def test_a_fresh_video_is_nothing_to_do(client, rows):
+    video = rows.video(rows.owner(), n_scenes=0)
+    response = client.post(URL, json={"scope": "video", "video_id": str(video)}, headers=bearer(token()))
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "status": "nothing_to_do",
+        "spec_version": LATEST_EMBEDDING_SPEC_VERSION,
+        "scope": "video",
+        "video_count": 1,
+        "message": f"Nothing to reprocess for 1 video(s): all fresh for spec version {LATEST_EMBEDDING_SPEC_VERSION}",
+        "backfill_ids": [],
+        "backfills": [],
+    }
+
+
+def test_an_unreachable_webserver_is_a_one_line_503(client, rows, unreachable_url):
+    video = rows.video(rows.owner(), n_scenes=1)
+    response = client.post(URL, json={"scope": "video", "video_id": str(video)}, headers=bearer(token()))
+    assert response.status_code == 503
+    assert response.json() == {"detail": f"cannot reach the Dagster webserver at {unreachable_url}: ConnectError"}
+    response = client.get(f"{URL}/abcdefgh", headers=bearer(token()))
+    assert response.status_code == 503
+    assert response.json() == {"detail": f"cannot reach the Dagster webserver at {unreachable_url}: ConnectError"}
+
+
+def test_the_server_refuses_to_start_without_a_jwt_secret(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k != "HEIMDEX_JWT_SECRET"}
+    argv = [sys.executable, "-m", "uvicorn", "heimdex_assets.api.app:app", "--port", str(free_port())]
+    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "heimdex admin API: HEIMDEX_JWT_SECRET is not set: the admin API needs it to verify bearer tokens"
+    )
+
+
+@pytest.fixture
+def deployment(tmp_path, database_url, tiny_clip_checkpoint):
+    deployment = Deployment(tmp_path, database_url, tiny_clip_checkpoint)
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def test_an_owner_scoped_admin_queues_backfills_of_its_owner_and_reads_their_progress(
+    deployment, db, rows, clip, text_embedder
+):
+    a, b = rows.owner("a"), rows.owner("b")
+    videos_a = {str(rows.video(a, n_scenes=1)), str(rows.video(a, n_scenes=1))}
+    rows.video(b, n_scenes=1)
+    deployment.start_webserver()
+    client = TestClient(
+        create_app({"db": db, "clip": clip, "text_embedder": text_embedder}, deployment.graphql_url, SECRET)
+    )
+    headers = bearer(token(owner_id=a))
+
+    response = client.post(URL, json={"scope": "owner", "owner_id": str(a), "force": True}, headers=headers)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["status"], body["scope"], body["video_count"], body["spec_version"]) == (
+        "queued",
+        "owner",
+        2,
+        LATEST_EMBEDDING_SPEC_VERSION,
+    )
+    assert (
+        body["message"]
+        == f"Queued embedding reprocessing for 2 video(s) using spec version {LATEST_EMBEDDING_SPEC_VERSION}"
+    )
+    assert body["backfill_ids"] == [lb["backfill_id"] for lb in body["backfills"]]
+    assert {tuple(sorted(lb["assets"])): lb["partitions"] for lb in body["backfills"]} == {
+        ("scene_clip_embeddings", "scene_person_embeddings", "scene_search_index", "scene_text_embeddings"): 2,
+        ("person_photo_embeddings", "person_query_embeddings"): 1,
+    }
+
+    instance = dg.DagsterInstance.from_config(str(deployment.home))
+    # The launch registered the partitions it targets, and owner b's video is not among them.
+    assert (set(instance.get_dynamic_partitions("videos")), instance.get_dynamic_partitions("owners")) == (
+        videos_a,
+        [str(a)],
+    )
+    for launched in body["backfills"]:
+        backfill = instance.get_backfill(launched["backfill_id"])
+        assert (backfill.tags[OWNER_SCOPE_TAG], backfill.tags[FORCE_TAG]) == (str(a), "true")
+        progress = client.get(f"{URL}/{launched['backfill_id']}", headers=headers)
+        assert progress.status_code == 200, progress.text
+        status = progress.json()
+        assert (status["status"], status["done"], status["partitions"]) == ("REQUESTED", False, launched["partitions"])
+        assert (status["requested"], status["completed"], status["failed"]) == (
+            len(launched["assets"]) * launched["partitions"],
+            0,
+            0,
+        )
+
+        assert status["owner_scope"] == str(a)
+        # Another owner's admin cannot even learn that the backfill exists; a global admin can read it.
+        theirs = client.get(f"{URL}/{launched['backfill_id']}", headers=bearer(token(owner_id=b)))
+        assert (theirs.status_code, theirs.json()["detail"]) == (
+            404,
+            f"Dagster has no backfill {launched['backfill_id']}",
+        )
+        assert client.get(f"{URL}/{launched['backfill_id']}", headers=bearer(token())).status_code == 200
+
+    response = client.get(f"{URL}/nonesuch", headers=headers)
+    assert (response.status_code, response.json()["detail"]) == (404, "Dagster has no backfill nonesuch")
