@@ -98,8 +98,3 @@ def materialize_ranges(
         if on_range_done:
             on_range_done(outcome)
     return outcomes
-
-
-def media_dir() -> Path:
-    """Where the demo writes its thumbnails and photos."""
-    return default_home() / "demo" / "media"

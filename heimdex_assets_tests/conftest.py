@@ -24,7 +24,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead o
 
 from heimdex_assets.db.embedded import EmbeddedPostgres
 from heimdex_assets.db.tables import owners, scenes, videos
-from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder, SearchIndex, TextEmbedder
+from heimdex_assets.resources import (
+    AppDatabase,
+    BlobStore,
+    ClipEmbedder,
+    OpenCvPersonDetector,
+    SearchIndex,
+    TextEmbedder,
+)
 
 # The real node started by scripts/test.sh (scripts/opensearch.sh); unreachable means failing tests.
 OPENSEARCH_URL = os.environ.get("HEIMDEX_TEST_OPENSEARCH_URL") or "http://127.0.0.1:9250"
@@ -104,6 +111,11 @@ def text_embedder() -> TextEmbedder:
 @pytest.fixture
 def resources(db: AppDatabase, clip: ClipEmbedder, text_embedder: TextEmbedder) -> dict:
     return {"db": db, "clip": clip, "text_embedder": text_embedder, "blobs": BlobStore()}
+
+
+@pytest.fixture
+def person_detector() -> OpenCvPersonDetector:
+    return OpenCvPersonDetector()
 
 
 @pytest.fixture
@@ -221,3 +233,16 @@ def materialize_videos(
         "dagster/asset_partition_range_end": keys[-1],
     }
     return dg.materialize(assets, resources=resources, instance=instance, tags=run_tags, raise_on_error=raise_on_error)
+
+
+def tick_sensor(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, resources: dict) -> dg.SensorResult:
+    """Evaluate a discovery sensor once and apply its partition requests, as the daemon would."""
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        result = sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        if isinstance(request, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    return result

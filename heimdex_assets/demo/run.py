@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import func, select
 
+from heimdex_assets.db.embedded import default_home
 from heimdex_assets.db.tables import (
     embedding_failures,
     person_query_vectors,
@@ -23,6 +25,11 @@ from heimdex_assets.demo.corpus import Corpus, build_corpus, load_corpus
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION, SPEC
 
 
+def media_dir() -> Path:
+    """Where the demo writes its thumbnails and photos."""
+    return default_home() / "demo" / "media"
+
+
 class DemoError(RuntimeError):
     """Some demo runs failed; the message names the first failure."""
 
@@ -35,7 +42,7 @@ def run_demo(
 ) -> dict:
     """Load the corpus, register partitions, materialise the video then the owner assets; a summary."""
     from heimdex_assets.assets import OWNER_ASSETS, VIDEO_ASSETS
-    from heimdex_assets.launch import contiguous_ranges, dagster_instance, materialize_ranges, media_dir
+    from heimdex_assets.launch import contiguous_ranges, dagster_instance, materialize_ranges
     from heimdex_assets.partitions import owners_partitions, videos_partitions
     from heimdex_assets.sensors.owner_discovery import plan_owner_partitions
     from heimdex_assets.sensors.video_discovery import plan_video_partitions

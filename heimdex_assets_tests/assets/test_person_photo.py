@@ -12,7 +12,7 @@ from sqlalchemy import insert, select, update
 from heimdex_assets.assets.person_photo import person_photo_embeddings
 from heimdex_assets.db.tables import embedding_failures, person_photo_vectors, person_reference_photos, persons
 from heimdex_assets.demo import build_corpus, load_corpus
-from heimdex_assets.resources.person_detector import OpenCvPersonDetector, crop
+from heimdex_assets.resources.person_detector import crop
 from heimdex_assets.spec import SPEC
 
 STEP = SPEC.step("person_photo")
@@ -24,11 +24,6 @@ def load_demo(db, media):
     with db.transaction() as conn:
         load_corpus(conn, built)
     return built
-
-
-@pytest.fixture
-def person_detector() -> OpenCvPersonDetector:
-    return OpenCvPersonDetector()
 
 
 @pytest.fixture

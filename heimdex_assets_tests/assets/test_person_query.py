@@ -15,7 +15,6 @@ from heimdex_assets.db.tables import (
     persons,
 )
 from heimdex_assets.partitions import owners_partitions
-from heimdex_assets.resources.person_detector import OpenCvPersonDetector
 from heimdex_assets.spec import SPEC
 from heimdex_assets_tests.assets.test_person_photo import (
     add_person,
@@ -31,11 +30,6 @@ from heimdex_assets_tests.assets.test_person_photo import (
 
 BOTH = [person_photo_embeddings, person_query_embeddings]
 STEP = SPEC.step("person_query")
-
-
-@pytest.fixture
-def person_detector() -> OpenCvPersonDetector:
-    return OpenCvPersonDetector()
 
 
 @pytest.fixture

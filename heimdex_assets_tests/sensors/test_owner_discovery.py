@@ -7,18 +7,11 @@ from sqlalchemy import insert, select
 from heimdex_assets.db.failures import FailedItem, record_failures
 from heimdex_assets.db.tables import embedding_failures, owners
 from heimdex_assets.sensors.owner_discovery import owner_discovery_sensor, plan_owner_partitions
+from heimdex_assets_tests.conftest import tick_sensor
 
 
 def tick(instance, db):
-    with dg.build_sensor_context(instance=instance, resources={"db": db}) as context:
-        result = owner_discovery_sensor(context)
-    for request in result.dynamic_partitions_requests or []:
-        if isinstance(request, dg.AddDynamicPartitionsRequest):
-            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-        else:
-            for key in request.partition_keys:
-                instance.delete_dynamic_partition(request.partitions_def_name, key)
-    return result
+    return tick_sensor(owner_discovery_sensor, instance, {"db": db})
 
 
 def add_owner(db, created_at, owner_id=None):

@@ -10,6 +10,7 @@ from heimdex_assets.db.tables import embedding_failures, videos
 from heimdex_assets.resources import SearchIndex
 from heimdex_assets.sensors import video_discovery_sensor
 from heimdex_assets.sensors.video_discovery import plan_video_partitions
+from heimdex_assets_tests.conftest import tick_sensor
 
 
 @pytest.fixture
@@ -19,15 +20,7 @@ def search_index(tmp_path):
 
 def tick(instance, db, search_index=None):
     resources = {"db": db, "search_index": search_index or SearchIndex(sqlite_path=":memory:")}
-    with dg.build_sensor_context(instance=instance, resources=resources) as context:
-        result = video_discovery_sensor(context)
-    for request in result.dynamic_partitions_requests or []:
-        if isinstance(request, dg.AddDynamicPartitionsRequest):
-            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-        else:
-            for key in request.partition_keys:
-                instance.delete_dynamic_partition(request.partitions_def_name, key)
-    return result
+    return tick_sensor(video_discovery_sensor, instance, resources)
 
 
 def test_ready_videos_become_partitions_sorted_by_owner_then_creation(db, rows, instance):
