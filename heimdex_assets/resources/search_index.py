@@ -12,6 +12,7 @@ import json
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Collection, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -241,6 +242,18 @@ class SearchIndex(dg.ConfigurableResource):
         target = self.backend.alias_target(self.alias)
         return target.removeprefix(f"{self.index_prefix}-") if target else None
 
+    def index_identity(self, version: str) -> str | None:
+        """Which index of ``version`` exists now, or None when there is none; never creates it.
+
+        ``<backend>:<index name>@<id>``, where the id is new each time the index is created (OpenSearch's
+        ``index.uuid``; for SQLite a uuid4 stored when the index is created), so a document recorded under
+        one identity is known to be gone once the index is wiped or recreated, on a new cluster too.
+        One request; no URL, host or credentials in it.
+        """
+        name = self.index_name(version)
+        found = self.backend.identity(name)
+        return f"{self.backend.kind}:{name}@{found}" if found else None
+
     def versions(self) -> list[str]:
         """Every version that has an index under this prefix, oldest first."""
         return sorted(self.backend.versions(self.index_prefix))
@@ -278,6 +291,8 @@ def default_sqlite_path() -> Path:
 
 class OpenSearchBackend:
     """The index operations on an OpenSearch cluster; every error becomes a one-line SearchIndexError."""
+
+    kind = "opensearch"
 
     def __init__(self, url: str, timeout_s: float) -> None:
         from opensearchpy import OpenSearch
@@ -415,6 +430,21 @@ class OpenSearchBackend:
         with self._errors(f"delete index {name}"):
             self.client.indices.delete(index=name, ignore_unavailable=True)
 
+    def identity(self, name: str) -> str | None:
+        """The index's ``index.uuid`` (new at each creation), or None when there is no index ``name``."""
+        from opensearchpy import exceptions
+
+        with self._errors(f"read the settings of {name}"):
+            try:
+                found = self.client.indices.get_settings(
+                    index=name, name="index.uuid", params={"filter_path": "*.settings.index.uuid"}
+                )
+            except exceptions.NotFoundError:
+                return None
+        # Keyed by the concrete index: an alias of that name pointing elsewhere is not this index.
+        entry = found.get(name) if isinstance(found, dict) else None
+        return (entry or {}).get("settings", {}).get("index", {}).get("uuid") or None
+
     def search(self, alias: str, owner_id: str, query: str, limit: int, video_ids: list[str] | None) -> list[Hit]:
         from opensearchpy import exceptions
 
@@ -495,14 +525,18 @@ def _quote(name: str) -> str:
 
 class SqliteBackend:
     """The index operations on an SQLite file: per version, a STRICT table of documents with an FTS5
-    index over their text (porter-stemmed, ranked by FTS5's ``bm25()``), and the alias in a table."""
+    index over their text (porter-stemmed, ranked by FTS5's ``bm25()``), and the alias in a table.
+    Each index has a uuid4, drawn when it is created and deleted with it: its identity."""
+
+    kind = "sqlite"
 
     def __init__(self, path: Path, timeout_s: float) -> None:
         self.path = path
         self.timeout_s = timeout_s
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect(write=False) as conn:  # a reader: does not wait for a busy writer
-            ready = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'heimdex_aliases'").fetchone()
+            # The newest metadata table: a file without it (new, or older) is set up or upgraded below.
+            ready = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'heimdex_index_ids'").fetchone()
         if ready:
             return
         try:
@@ -518,6 +552,14 @@ class SqliteBackend:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS heimdex_aliases (alias TEXT PRIMARY KEY, name TEXT NOT NULL) STRICT"
             )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS heimdex_index_ids (name TEXT PRIMARY KEY, id TEXT NOT NULL) STRICT"
+            )
+            # Indexes made before identities were kept get theirs now, once.
+            for (name,) in conn.execute(
+                "SELECT name FROM heimdex_indexes WHERE name NOT IN (SELECT name FROM heimdex_index_ids)"
+            ).fetchall():
+                self._give_identity(conn, name)
 
     def describe(self) -> str:
         return f"SQLite FTS5 index at {self.path}"
@@ -547,16 +589,39 @@ class SqliteBackend:
     def _exists(self, conn: sqlite3.Connection, name: str) -> bool:
         return conn.execute("SELECT 1 FROM heimdex_indexes WHERE name = ?", (name,)).fetchone() is not None
 
+    def _identity(self, conn: sqlite3.Connection, name: str) -> str | None:
+        row = conn.execute(
+            "SELECT u.id FROM heimdex_indexes i JOIN heimdex_index_ids u ON u.name = i.name WHERE i.name = ?",
+            (name,),
+        ).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _give_identity(conn: sqlite3.Connection, name: str) -> None:
+        """A new uuid4 for the index ``name``, unless it has one."""
+        conn.execute("INSERT OR IGNORE INTO heimdex_index_ids VALUES (?, ?)", (name, str(uuid.uuid4())))
+
+    def identity(self, name: str) -> str | None:
+        """The uuid4 drawn when the index was created, or None when there is no index ``name``."""
+        with self._connect(write=False) as conn:
+            try:
+                return self._identity(conn, name)
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # the file was wiped under us: no index at all
+                    return None
+                raise
+
     def create(self, name: str, prefix: str, version: str) -> None:
         docs, fts = _quote(name), _quote(f"{name}__fts")
         text = ", ".join(TEXT_FIELDS)
         new = ", ".join(f"new.{c}" for c in TEXT_FIELDS)
         old = ", ".join(f"old.{c}" for c in TEXT_FIELDS)
         with self._connect(write=False) as conn:  # the usual case, without waiting for a writer
-            if self._exists(conn, name):
+            if self._identity(conn, name):
                 return
         with self._connect() as conn:
             if self._exists(conn, name):
+                self._give_identity(conn, name)  # made by an older writer without one
                 return
             for statement in (
                 f"""CREATE TABLE {docs} (
@@ -583,6 +648,8 @@ class SqliteBackend:
             ):
                 conn.execute(statement)
             conn.execute("INSERT INTO heimdex_indexes VALUES (?, ?, ?)", (name, prefix, version))
+            conn.execute("DELETE FROM heimdex_index_ids WHERE name = ?", (name,))  # a stale one: a new index
+            self._give_identity(conn, name)
 
     def write(self, name: str, docs: list[dict[str, Any]]) -> dict[str, ItemFailure]:
         """One transaction; an item the table rejects fails alone, a locked file fails them all (retryable)."""
@@ -660,6 +727,7 @@ class SqliteBackend:
             conn.execute(f"DROP TABLE IF EXISTS {_quote(name + '__fts')}")
             conn.execute(f"DROP TABLE IF EXISTS {_quote(name)}")  # its indexes and triggers go with it
             conn.execute("DELETE FROM heimdex_indexes WHERE name = ?", (name,))
+            conn.execute("DELETE FROM heimdex_index_ids WHERE name = ?", (name,))
 
     def search(self, alias: str, owner_id: str, query: str, limit: int, video_ids: list[str] | None) -> list[Hit]:
         terms = re.findall(r"\w+", query.lower())

@@ -270,3 +270,60 @@ def test_an_unreachable_opensearch_is_named_without_its_credentials():
 def test_an_invalid_version_is_refused_before_any_request(tmp_path, version):
     with pytest.raises(ValueError, match="invalid search index version"):
         SearchIndex(sqlite_path=str(tmp_path / "s.sqlite")).ensure_index(version)
+
+
+def test_the_index_identity_names_the_index_that_exists_now(search_index, owner):
+    assert search_index.index_identity(V1) is None  # read-only: asking does not create it
+    assert search_index.versions() == []
+
+    search_index.ensure_index(V1)
+    first = search_index.index_identity(V1)
+    backend = "opensearch" if search_index.opensearch_url else "sqlite"
+    assert first is not None and first.startswith(f"{backend}:{search_index.index_name(V1)}@")
+    assert len(first.rsplit("@", 1)[1]) >= 16
+    assert search_index.index_identity(V2) is None  # another version: another index, not there
+
+    # Stable while the index lives: asked again, after writes, after ensure_index, from another resource.
+    assert search_index.index_identity(V1) == first
+    search_index.upsert_documents(V1, [doc(owner, str(uuid.uuid4()), i, t) for i, t in enumerate(FILLER)])
+    search_index.ensure_index(V1)
+    assert search_index.index_identity(V1) == first
+    assert reconfigured(search_index).index_identity(V1) == first
+    if search_index.opensearch_url:  # the test node ignores credentials; the identity must not carry them
+        with_password = search_index.opensearch_url.replace("://", "://admin:s3cret-pw@", 1)
+        assert reconfigured(search_index, opensearch_url=with_password).index_identity(V1) == first
+
+    # Wiped and created again under the same name: another identity, and not the other version's.
+    search_index.drop_version(V1)
+    assert search_index.index_identity(V1) is None
+    search_index.ensure_index(V1)
+    second = search_index.index_identity(V1)
+    assert second is not None and second != first
+    search_index.ensure_index(V2)
+    assert search_index.index_identity(V2) not in (None, first, second)
+
+    for identity in (first, second):
+        assert "http" not in identity and "@127" not in identity and "9250" not in identity
+        assert "s3cret" not in identity and "admin" not in identity
+        assert str(search_index.sqlite_path or "/nowhere") not in identity
+
+
+def test_an_sqlite_file_from_before_identities_gets_them_once(tmp_path):
+    path = tmp_path / "old.sqlite"
+    SearchIndex(sqlite_path=str(path)).ensure_index(V1)
+    with sqlite3.connect(path) as conn:  # as the file was before identities were kept
+        conn.execute("DROP TABLE heimdex_index_ids")
+    conn.close()
+
+    upgraded = SearchIndex(sqlite_path=str(path)).index_identity(V1)
+    assert upgraded is not None and upgraded.startswith(f"sqlite:heimdex-scenes-{V1}@")
+    assert SearchIndex(sqlite_path=str(path)).index_identity(V1) == upgraded
+
+
+def test_the_identity_of_an_unreachable_opensearch_is_a_one_line_error_without_credentials():
+    port = _free_port()
+    index = SearchIndex(opensearch_url=f"http://admin:s3cret-pw@127.0.0.1:{port}")
+
+    with pytest.raises(SearchIndexError) as raised:
+        index.index_identity(V1)
+    assert str(raised.value) == f"cannot reach OpenSearch at http://127.0.0.1:{port}: ConnectionError"
