@@ -46,13 +46,13 @@ def text_embedder_from_env(deferred: bool = True) -> TextEmbedder:
 
 
 def clip_from_env() -> ClipEmbedder:
-    """``HEIMDEX_CLIP_MODEL``/``_PRETRAINED``/``_CHECKPOINT``/``_DEVICE``/``_FALLBACK``."""
+    """``HEIMDEX_CLIP_MODEL``/``_PRETRAINED``/``_CHECKPOINT``/``_DEVICE``. ``HEIMDEX_CLIP_MODEL=tiny-random``
+    asks for placeholder weights; there is no fallback to them (a leftover ``HEIMDEX_CLIP_FALLBACK`` is ignored)."""
     return ClipEmbedder(
         model_name=_env("HEIMDEX_CLIP_MODEL") or "ViT-B-32",
         pretrained=_env("HEIMDEX_CLIP_PRETRAINED") or "openai",
         checkpoint_path=_env("HEIMDEX_CLIP_CHECKPOINT"),
         device=_env("HEIMDEX_CLIP_DEVICE") or "auto",
-        fallback=_env("HEIMDEX_CLIP_FALLBACK") or "tiny-random",
     )
 
 

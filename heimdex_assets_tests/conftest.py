@@ -100,7 +100,7 @@ def clip(tiny_clip_checkpoint: Path) -> ClipEmbedder:
     """CLIP loaded through the product's checkpoint path; no fallback allowed."""
     from heimdex_assets.resources.clip_embedder import TINY_MODEL
 
-    return ClipEmbedder(model_name=TINY_MODEL, checkpoint_path=str(tiny_clip_checkpoint), fallback="none", device="cpu")
+    return ClipEmbedder(model_name=TINY_MODEL, checkpoint_path=str(tiny_clip_checkpoint), device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,9 @@
-"""CLIP image (and text) vectors through open_clip, L2-normalised."""
+"""CLIP image (and text) vectors through open_clip, L2-normalised.
+
+The model id every vector carries is known from configuration alone (no torch, no weights), and
+the configured weights either load or fail with ``ClipWeightsUnavailableError``: placeholder
+weights are used only when asked for (``model_name="tiny-random"``), never as a silent fallback.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -19,7 +24,16 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
 TINY_MODEL = "heimdex-tiny"
+TINY_RANDOM_MODEL = "tiny-random"
 TINY_RANDOM_MODEL_ID = "open_clip:tiny-random"
+HOW_TO_CONFIGURE = (
+    "set HEIMDEX_CLIP_CHECKPOINT to a local open_clip checkpoint, "
+    "or HEIMDEX_CLIP_MODEL=tiny-random for placeholder weights"
+)
+
+
+class ClipWeightsUnavailableError(RuntimeError):
+    """The configured CLIP weights could not be loaded. The message is one line: what, why, what to set."""
 
 
 def file_sha256(path: Path) -> str:
@@ -31,8 +45,44 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class ClipWeightsUnavailableError(RuntimeError):
-    """The configured CLIP weights could not be loaded (and no fallback is allowed)."""
+# (resolved path, size, mtime_ns) -> sha256: each checkpoint version is hashed once per process.
+_CHECKPOINT_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_sha256(checkpoint_path: str) -> str:
+    """Hex sha256 of a checkpoint file, cached while its size and mtime stay the same."""
+    path = Path(checkpoint_path).expanduser()
+    try:
+        resolved = path.resolve()
+        stat = resolved.stat()
+    except OSError:
+        raise ClipWeightsUnavailableError(f"CLIP checkpoint {path} not found; {HOW_TO_CONFIGURE}") from None
+    if not resolved.is_file():
+        raise ClipWeightsUnavailableError(f"CLIP checkpoint {path} is not a file; {HOW_TO_CONFIGURE}")
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKPOINT_SHA256:
+        try:
+            _CHECKPOINT_SHA256[key] = file_sha256(resolved)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ClipWeightsUnavailableError(
+                f"CLIP checkpoint {path} could not be read ({reason}); {HOW_TO_CONFIGURE}"
+            ) from None
+    return _CHECKPOINT_SHA256[key]
+
+
+def clip_model_id(model_name: str, pretrained: str | None, checkpoint_path: str | None) -> str:
+    """The id vectors of this configuration carry, from configuration alone (no torch, no weights).
+
+    A checkpoint's id holds its content hash, so new weights under the same path make vectors stale.
+    """
+    if model_name == TINY_RANDOM_MODEL:
+        return TINY_RANDOM_MODEL_ID
+    if checkpoint_path:
+        return f"open_clip:{model_name}@sha256:{checkpoint_sha256(checkpoint_path)[:16]}"
+    if pretrained:
+        return f"open_clip:{model_name}/{pretrained}"
+    return f"open_clip:{model_name}/random"
 
 
 class LoadedClip:
@@ -77,10 +127,37 @@ def _pick_device(device: str) -> str:
     return device
 
 
-def load_clip(
-    model_name: str, pretrained: str | None, checkpoint_path: str | None, device: str, fallback: str
-) -> tuple[LoadedClip, str | None]:
-    """The configured model, or the tiny random one when allowed; second item: why it fell back."""
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - open_clip without the hub client
+        return False
+    return bool(constants.is_offline_mode())
+
+
+def _failure_reason(exc: Exception, model_name: str, pretrained: str | None, checkpoint_path: str | None) -> str:
+    """A short reason in our words: no traceback, no URLs or tokens from the underlying error."""
+    message = str(exc)
+    if message.startswith("Model config for"):
+        return f"unknown open_clip model {model_name!r}"
+    if checkpoint_path:
+        return f"not a valid open_clip checkpoint for {model_name}: {type(exc).__name__}"
+    if "is not a known tag or valid file path" in message:
+        return f"unknown pretrained tag {pretrained!r} for {model_name}"
+    if message.startswith("Failed to download weights") or isinstance(exc, OSError):
+        if _hub_offline():
+            return "not in the local cache and the model hub is offline or unreachable"
+        return "download from the model hub failed"
+    return f"{type(exc).__name__} while loading"
+
+
+def load_clip(model_name: str, pretrained: str | None, checkpoint_path: str | None, device: str) -> LoadedClip:
+    """The configured model: a checkpoint file, hub weights for a pretrained tag, random weights when
+    ``pretrained`` is empty, or the seeded tiny placeholder for ``tiny-random``.
+
+    Raises ``ClipWeightsUnavailableError`` (one line) when the configured weights cannot be loaded.
+    """
+    model_id = clip_model_id(model_name, pretrained, checkpoint_path)  # a missing checkpoint fails here
     import open_clip
     import torch
 
@@ -91,52 +168,57 @@ def load_clip(
     level = root.level
     root.setLevel(logging.CRITICAL)
     try:
-        if checkpoint_path:
+        if model_name == TINY_RANDOM_MODEL:
+            # Seeded, so every process makes the same placeholder model and re-runs stay idempotent.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL, device=device)
+            tokenizer_name = TINY_MODEL
+        elif checkpoint_path:
             path = Path(checkpoint_path).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=str(path), device=device
+                model_name, pretrained=str(path), device=device, require_pretrained=True
             )
-            # The weights' hash is in the id, so new weights under the same path make vectors stale.
-            model_id = f"open_clip:{model_name}@sha256:{file_sha256(path)[:16]}"
+            tokenizer_name = model_name
         else:
             if pretrained and not Path(pretrained).is_file():
                 _go_offline_if_hub_unreachable()
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, device=device, require_pretrained=bool(pretrained)
+                model_name, pretrained=pretrained or None, device=device, require_pretrained=bool(pretrained)
             )
-            model_id = f"open_clip:{model_name}/{pretrained}" if pretrained else f"open_clip:{model_name}/random"
-        reason = None
-        tokenizer_name = model_name
+            tokenizer_name = model_name
     except Exception as exc:
-        what = checkpoint_path or f"{model_name}/{pretrained}"
-        detail = str(exc).splitlines()[0].split(": ")[0][:160] if str(exc) else type(exc).__name__
-        reason = f"CLIP weights {what} unavailable ({detail})"
-        if fallback != "tiny-random":
-            raise ClipWeightsUnavailableError(reason) from None
-        # Seeded, so every process makes the same placeholder model and re-runs stay idempotent.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL, device=device)
-        model_id = TINY_RANDOM_MODEL_ID
-        tokenizer_name = TINY_MODEL
+        if model_name == TINY_RANDOM_MODEL:
+            what = TINY_RANDOM_MODEL
+        elif checkpoint_path:
+            what = f"checkpoint {Path(checkpoint_path).expanduser()}"
+        else:
+            what = f"{model_name}/{pretrained or 'random'}"
+        reason = _failure_reason(exc, model_name, pretrained, checkpoint_path)
+        line = " ".join(f"CLIP weights {what} could not be loaded ({reason}); {HOW_TO_CONFIGURE}".split())
+        raise ClipWeightsUnavailableError(line) from None
     finally:
         root.setLevel(level)
+    if clip_model_id(model_name, pretrained, checkpoint_path) != model_id:
+        raise ClipWeightsUnavailableError(
+            f"CLIP checkpoint {checkpoint_path} changed while it was loading; load it again once it is written"
+        )
     model.eval()
-    return LoadedClip(model, preprocess, open_clip.get_tokenizer(tokenizer_name), model_id, device), reason
+    return LoadedClip(model, preprocess, open_clip.get_tokenizer(tokenizer_name), model_id, device)
 
 
-_LOADED: dict[tuple, tuple[LoadedClip, str | None]] = {}
+# Process-wide: one loaded model per configuration, however many resources or runs ask for it.
+_LOADED: dict[tuple, LoadedClip] = {}
 _LOAD_LOCK = threading.Lock()
 
 
 class ClipEmbedder(dg.ConfigurableResource):
     """open_clip model (ViT-B-32 with ``openai`` weights by default) on CPU or CUDA.
 
-    ``checkpoint_path`` loads weights from a local file instead of the hub. When the weights
-    cannot be had and ``fallback`` is ``tiny-random``, a small seeded random CLIP is used and its
-    vectors carry the model id ``open_clip:tiny-random``, so they never pass for real ones.
+    ``checkpoint_path`` loads weights from a local file instead of the hub. ``model_name="tiny-random"``
+    asks for a small seeded random CLIP (placeholder vectors, model id ``open_clip:tiny-random``, so
+    they never pass for real ones); it ignores ``pretrained`` and ``checkpoint_path``. Configured
+    weights that cannot be loaded raise ``ClipWeightsUnavailableError``: there is no silent fallback.
     """
 
     model_name: str = "ViT-B-32"
@@ -144,37 +226,38 @@ class ClipEmbedder(dg.ConfigurableResource):
     checkpoint_path: str | None = None
     device: str = "auto"
     batch_size: int = 32
-    fallback: Literal["none", "tiny-random"] = "tiny-random"
 
     _clip: LoadedClip | None = PrivateAttr(default=None)
 
     def _loaded(self) -> LoadedClip:
-        if self._clip is None:
-            # The model loads once per process, however many resources or runs ask for it.
-            key = (self.model_name, self.pretrained, self.checkpoint_path, self.device, self.fallback)
-            with _LOAD_LOCK:
-                if key not in _LOADED:
-                    _LOADED[key] = load_clip(*key)
-                    if _LOADED[key][1]:
-                        log.warning(
-                            "%s; using %s instead (placeholder vectors, stale once real weights load)",
-                            _LOADED[key][1],
-                            TINY_RANDOM_MODEL_ID,
-                        )
-            self._clip = _LOADED[key][0]
-        return self._clip
+        expected = self.model_id
+        if self._clip is not None and self._clip.model_id == expected:
+            return self._clip
+        key = (self.model_name, self.pretrained, self.checkpoint_path, self.device)
+        with _LOAD_LOCK:
+            clip = _LOADED.get(key)
+            if clip is None or clip.model_id != expected:  # new bytes under the same checkpoint path
+                clip = load_clip(self.model_name, self.pretrained, self.checkpoint_path, self.device)
+                if clip.model_id != expected:
+                    raise ClipWeightsUnavailableError(
+                        f"CLIP model loaded as {clip.model_id}, configured as {expected}; load it again"
+                    )
+                _LOADED[key] = clip
+        self._clip = clip
+        return clip
+
+    def ensure_loaded(self) -> None:
+        """Load the model now (once per process), so a missing model fails up front.
+
+        Raises ``ClipWeightsUnavailableError`` with a one-line message saying what to configure.
+        """
+        self._loaded()
 
     @property
     def model_id(self) -> str:
-        """The id stored with every vector this model makes."""
-        return self._loaded().model_id
-
-    @property
-    def fallback_reason(self) -> str | None:
-        """Why the configured weights were not used, or None."""
-        self._loaded()
-        key = (self.model_name, self.pretrained, self.checkpoint_path, self.device, self.fallback)
-        return _LOADED[key][1]
+        """The id stored with every vector this model makes, from configuration alone: no torch,
+        no weights (a checkpoint file is hashed, once per process and file version)."""
+        return clip_model_id(self.model_name, self.pretrained, self.checkpoint_path)
 
     @property
     def dimension(self) -> int:
@@ -182,10 +265,12 @@ class ClipEmbedder(dg.ConfigurableResource):
 
     @property
     def is_placeholder(self) -> bool:
-        """True for random weights (the tiny fallback, the ``heimdex-tiny`` test architecture, no
-        pretrained tag): fine for image-to-image plumbing, meaningless for text-to-image ranking."""
-        model_id = self.model_id
-        return model_id == TINY_RANDOM_MODEL_ID or model_id.endswith("/random") or self.model_name == TINY_MODEL
+        """True for random weights (``tiny-random``, the ``heimdex-tiny`` test architecture, no
+        pretrained weights): fine for image-to-image plumbing, meaningless for text-to-image ranking.
+        From configuration alone."""
+        if self.model_name in (TINY_RANDOM_MODEL, TINY_MODEL):
+            return True
+        return not self.checkpoint_path and not self.pretrained
 
     def preprocess(self, image: Image.Image) -> Any:
         """The model's input tensor for one image (CPU; safe to call from worker threads)."""
