@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from heimdex_assets.assets.video_runs import OWNER_SCOPE_TAG
 from heimdex_assets.partitions import owners_partitions, videos_partitions
 from heimdex_assets.reprocess import PartitionGroup, ReprocessPlan, partition_groups, plan_tags
+from heimdex_assets.runs import OWNER_SCOPE_TAG
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
 
 GRAPHQL_URL_ENV = "HEIMDEX_DAGSTER_GRAPHQL_URL"

@@ -14,10 +14,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from heimdex_assets.db.engine import DatabaseUnavailableError
+from heimdex_assets.models import ModelMismatchError
 from heimdex_assets.partitions import InvalidIdError
 from heimdex_assets.reprocess import ReprocessError
+from heimdex_assets.resources.clip_embedder import ClipWeightsUnavailableError
+from heimdex_assets.resources.search_index import SearchIndexError
 from heimdex_assets.search import SearchError
-from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION, SPEC
+from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
 
 
 class CliError(Exception):
@@ -72,9 +75,10 @@ def reprocess(args: argparse.Namespace) -> dict:
     deployment (``HEIMDEX_DAGSTER_GRAPHQL_URL``), or with --sync run it in this process."""
     from heimdex_assets.backfills import BackfillError, graphql_url_from_env, launch_plan_backfills
     from heimdex_assets.launch import dagster_instance
+    from heimdex_assets.models import expected_models
     from heimdex_assets.partitions import canonical_uuid
-    from heimdex_assets.reprocess import ReprocessRequest, configured_models, plan_reprocess, run_plan
-    from heimdex_assets.settings import resources_from_env
+    from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess, run_plan
+    from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
 
     try:
         since = datetime.fromisoformat(args.since) if args.since else None
@@ -90,9 +94,9 @@ def reprocess(args: argparse.Namespace) -> dict:
         force=args.force,
         retry_failed=args.retry_failed,
     )
-    resources = resources_from_env(deferred=False)
+    resources = follow_recorded_placeholder(resources_from_env(deferred=False))
     with resources["db"].engine.connect() as conn:
-        plan = plan_reprocess(conn, request, configured_models(resources))
+        plan = plan_reprocess(conn, request, expected_models(conn, resources))
     result = {
         "spec_version": LATEST_EMBEDDING_SPEC_VERSION,
         "scope": request.scope,
@@ -165,11 +169,11 @@ def search(args: argparse.Namespace) -> dict:
     """Search one owner's scenes: lexical, semantic or hybrid, optionally ranked by a person."""
     from heimdex_assets.partitions import canonical_uuid
     from heimdex_assets.search import search_scenes
-    from heimdex_assets.settings import resources_from_env
+    from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
 
     owner_id = uuid.UUID(canonical_uuid(args.owner_id, "owner id"))
     person_id = uuid.UUID(canonical_uuid(args.person_id, "person id")) if args.person_id else None
-    resources = resources_from_env(deferred=False)
+    resources = follow_recorded_placeholder(resources_from_env(deferred=False))
     results = search_scenes(
         resources["db"],
         owner_id,
@@ -216,21 +220,25 @@ def _print_search(result: dict) -> None:
 
 
 def status(args: argparse.Namespace) -> dict:
-    """Per asset: partitions fresh / stale / missing / failed, with the versions and models in force."""
-    from heimdex_assets.freshness import STATUS_ASSETS, partition_states, summarize
-    from heimdex_assets.reprocess import configured_models
-    from heimdex_assets.settings import resources_from_env
+    """Per asset: partitions fresh / stale / missing / failed, with the versions and models in force.
 
-    resources = resources_from_env(deferred=False)
-    models = configured_models(resources)
+    Reads the app database (and asks the search index for its identity); loads no model."""
+    from heimdex_assets.freshness import partition_states, summarize
+    from heimdex_assets.models import configured_models, deployment_models
+    from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
+    from heimdex_assets.steps import STEPS
+
+    resources = follow_recorded_placeholder(resources_from_env(deferred=False))
+    configured = configured_models(resources)
     assets = {}
     with resources["db"].engine.connect() as conn:
-        for asset_key in STATUS_ASSETS:
-            model_id = models[asset_key]
-            states = partition_states(conn, asset_key, model_id)
-            assets[asset_key] = {
-                "step_version": SPEC.step_for_asset(asset_key).version,
-                "model_id": model_id,
+        models = deployment_models(conn, configured)
+        for step in STEPS:
+            states = partition_states(conn, step, models)
+            assets[step.asset_key] = {
+                "step_version": step.version,
+                "model_id": models[step.name],
+                "configured_model_id": configured[step.name],
                 "partitions": summarize(states),
                 "stale_items": sum(s.stale_items for s in states.values()),
                 "failed_items": sum(s.failed_items for s in states.values()),
@@ -247,6 +255,47 @@ def _print_status(result: dict) -> None:
             f"{asset_key:<26} {a['step_version']:<11} {p['fresh']:>6} {p['stale']:>6} {p['missing']:>8} "
             f"{p['failed']:>7}  {a['model_id']}"
         )
+    for asset_key, a in result["assets"].items():
+        if a["configured_model_id"] != a["model_id"] and not asset_key.startswith("scene_search"):
+            print(
+                f"note: {asset_key}: this process is configured for {a['configured_model_id']}; "
+                "workers so configured refuse to write (`heimdex models use` moves the deployment)"
+            )
+
+
+def models_command(args: argparse.Namespace) -> dict:
+    """The model identity each step's rows must carry: the deployment's record and this configuration;
+    ``use`` records the configured ones (every step, or ``--step``) as the deployment's."""
+    from heimdex_assets.models import RECORDED_STEPS, configured_models, record_models, recorded_models
+    from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
+
+    resources = follow_recorded_placeholder(resources_from_env(deferred=False))
+    configured = configured_models(resources, search=False)
+    steps = args.step or list(RECORDED_STEPS)
+    unknown = [s for s in steps if s not in RECORDED_STEPS]
+    if unknown:
+        raise CliError(f"unknown step {unknown[0]!r}; steps with a model: {', '.join(RECORDED_STEPS)}")
+    with resources["db"].transaction() as conn:
+        if args.action == "use":
+            record_models(conn, {s: configured[s] for s in steps}, "heimdex models use")
+        recorded = recorded_models(conn)
+    return {
+        "steps": {
+            s: {
+                "deployment": recorded[s].model_id if s in recorded else None,
+                "recorded_by": recorded[s].recorded_by if s in recorded else None,
+                "configured": configured[s],
+            }
+            for s in RECORDED_STEPS
+        }
+    }
+
+
+def _print_models(result: dict) -> None:
+    print(f"{'step':<14} {'deployment expects':<52} configured here")
+    for step, m in result["steps"].items():
+        same = "" if m["deployment"] in (None, m["configured"]) else "   (differs)"
+        print(f"{step:<14} {m['deployment'] or '(not recorded yet)':<52} {m['configured']}{same}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=status, printer=_print_status)
 
+    p = sub.add_parser("models", help="the model each step's rows must carry; `use` records the configured ones")
+    p.add_argument("action", nargs="?", choices=["show", "use"], default="show")
+    p.add_argument("--step", action="append", help="only this step (repeatable; with `use`)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=models_command, printer=_print_models)
+
     p = sub.add_parser("search", help="search one owner's scenes")
     p.add_argument("query", nargs="*", help="words to search for (optional with --person-id)")
     p.add_argument("--owner-id", required=True)
@@ -296,7 +351,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = args.handler(args)
-    except (CliError, DatabaseUnavailableError, InvalidIdError, SearchError, ReprocessError) as exc:
+    except (
+        CliError,
+        DatabaseUnavailableError,
+        InvalidIdError,
+        SearchError,
+        ReprocessError,
+        ModelMismatchError,
+        ClipWeightsUnavailableError,
+        SearchIndexError,
+    ) as exc:
         print(f"heimdex: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

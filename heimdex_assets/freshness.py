@@ -1,12 +1,18 @@
-"""Which partitions must be redone: authoritative, computed by SQL over the application database.
+"""Which partitions must be redone: derived from the steps' definitions, counted both ways.
 
-A partition (a READY video, or an owner) is, for an asset:
-- ``missing`` when the asset never wrote anything for it (at any version);
-- ``stale`` when some item has no row at the current step version, made by the model configured
-  now, with the current input hash, and no recent failure for that same input;
-- ``failed`` when every such item has a failure recorded for its current input within the backoff;
-- ``fresh`` otherwise (a partition without items is fresh).
-One aggregate query per asset answers for every partition at once.
+A partition (a READY video, or an owner) is, for a step and the model identity expected of it:
+- ``missing`` when nothing was ever written for it (for the search step: in the current index)
+  and it has items;
+- ``stale`` when an item has no row of the current generation (step version, model) with its
+  current input identity, when a row of that generation has no item any more (deleted scene,
+  cleared channel, person without READY photos), or when a failure's backoff has passed;
+- ``failed`` when its only undone items failed on their current input and wait for their backoff;
+- ``fresh`` otherwise.
+
+In bulk this is answered from the partition ledger (what each run read and wrote) and the input
+stamps the database keeps (which transaction last changed a partition's inputs): a partition is
+compared item by item only when its inputs changed after its run read them, or it has no ledger
+at the current generation. So a status over 100k videos reads O(videos) rows, not every scene.
 """
 
 from __future__ import annotations
@@ -14,203 +20,193 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, text
 
-from heimdex_assets.spec import SPEC
+from heimdex_assets.steps import Step
 
-FAILURE_BACKOFF = timedelta(hours=24)
-
-
-@dataclass(frozen=True)
-class FreshnessRule:
-    """How to judge one asset: its items (SQL yielding partition_id, owner_id, item_id, sha and the
-    columns ``done`` refers to), the table its rows live in, and when a row makes an item done."""
-
-    step: str
-    partition: str  # "video" or "owner"
-    items: str
-    table: str
-    done: str
-    owner_column: str = "s.owner_id"  # in ``items``: narrows to one owner
-    partition_column: str = "s.video_id"  # in ``items``: narrows to some partitions
+STATES = ("fresh", "stale", "missing", "failed")
+# A failed item waits BASE · 2^(attempts-1), at most CAP, before it is tried again on its own.
+FAILURE_BACKOFF_BASE = timedelta(hours=1)
+FAILURE_BACKOFF_CAP = timedelta(days=7)
+ITEM_LEVEL_BATCH = 5000  # partitions compared item by item per query
 
 
-# Each items query mirrors its asset's own rules (a blank channel has no item; a scene without a
-# thumbnail still is one, and fails). ``{scope}`` narrows to an owner or to some partitions.
-_READY_SCENES = "FROM scenes s JOIN videos v ON v.id = s.video_id AND v.status = 'READY' WHERE TRUE {scope}"
-_SCENE_ITEMS = (
-    "SELECT s.video_id AS partition_id, s.owner_id, s.id::text AS item_id, s.id AS scene_id, "
-    "s.thumbnail_sha256 AS sha, s.updated_at " + _READY_SCENES
-)
-# Without a declared thumbnail hash, a row of the right version and model will do.
-_SAME_THUMBNAIL = "r.scene_id = i.scene_id AND r.model_id = :model AND r.input_sha256 = coalesce(i.sha, r.input_sha256)"
-
-RULES = {
-    "scene_text_embeddings": FreshnessRule(
-        "scene_text",
-        "video",
-        r"""SELECT s.video_id AS partition_id, s.owner_id, s.id::text || ':' || c.channel AS item_id,
-                   s.id AS scene_id, c.channel, c.sha
-            FROM scenes s JOIN videos v ON v.id = s.video_id AND v.status = 'READY'
-            CROSS JOIN LATERAL (VALUES
-                ('transcript', CASE WHEN s.transcript ~ '\S' THEN s.transcript_sha256 END),
-                ('visual', CASE WHEN coalesce(s.visual_description, '') ~ '\S'
-                                 OR array_to_string(s.tags, '') ~ '\S' THEN s.visual_sha256 END),
-                ('summary', CASE WHEN s.summary ~ '\S' THEN s.summary_sha256 END)
-            ) AS c(channel, sha)
-            WHERE c.channel = ANY(:channels) AND c.sha IS NOT NULL {scope}""",
-        "scene_text_vectors",
-        "r.scene_id = i.scene_id AND r.channel = i.channel AND r.model_id = :model AND r.input_sha256 = i.sha",
-    ),
-    "scene_clip_embeddings": FreshnessRule("scene_clip", "video", _SCENE_ITEMS, "scene_clip_vectors", _SAME_THUMBNAIL),
-    # One scan row per searched scene, people found or not.
-    "scene_person_embeddings": FreshnessRule(
-        "scene_person", "video", _SCENE_ITEMS, "scene_person_scans", _SAME_THUMBNAIL
-    ),
-    # The ledger of indexed documents: done when indexed since the scene last changed.
-    "scene_search_index": FreshnessRule(
-        "scene_search",
-        "video",
-        _SCENE_ITEMS,
-        "scene_search_documents",
-        "r.scene_id = i.scene_id AND r.indexed_at >= i.updated_at",
-    ),
-    "person_photo_embeddings": FreshnessRule(
-        "person_photo",
-        "owner",
-        "SELECT p.owner_id AS partition_id, p.owner_id, p.id::text AS item_id, p.id AS photo_id, p.sha256 AS sha "
-        "FROM person_reference_photos p WHERE TRUE {scope}",
-        "person_photo_vectors",
-        "r.photo_id = i.photo_id AND r.model_id = :model AND r.input_sha256 = coalesce(i.sha, r.input_sha256)",
-        owner_column="p.owner_id",
-        partition_column="p.owner_id",
-    ),
-    # A person's input: the set of its READY photo vectors (same hash as person_query.photo_set_sha256).
-    "person_query_embeddings": FreshnessRule(
-        "person_query",
-        "owner",
-        """SELECT pr.owner_id AS partition_id, pr.owner_id, pr.id::text AS item_id, pr.id AS person_id, ps.sha
-           FROM persons pr CROSS JOIN LATERAL (
-               SELECT encode(sha256(convert_to(string_agg(line, E'\\n' ORDER BY line COLLATE "C"), 'UTF8')), 'hex')
-                      AS sha
-               FROM (SELECT v.photo_id::text || ':' || v.input_sha256 AS line
-                     FROM person_photo_vectors v
-                     JOIN person_reference_photos p ON p.id = v.photo_id AND p.status = 'READY'
-                     WHERE v.person_id = pr.id AND v.step_version = :photo_version AND v.model_id = :model) lines
-           ) ps
-           WHERE ps.sha IS NOT NULL {scope}""",
-        "person_query_vectors",
-        "r.person_id = i.person_id AND r.model_id = :model AND r.input_sha256 = i.sha",
-        owner_column="pr.owner_id",
-        partition_column="pr.owner_id",
-    ),
-}
-STATUS_ASSETS = tuple(RULES)
+def failure_backoff(attempts: int) -> timedelta:
+    """How long an item that failed ``attempts`` times in a row on the same input waits."""
+    return min(FAILURE_BACKOFF_CAP, FAILURE_BACKOFF_BASE * 2 ** max(0, min(attempts - 1, 20)))
 
 
 @dataclass(frozen=True)
 class PartitionState:
-    """One partition's state for one asset, with its item counts."""
+    """One partition's state for one step, with its item counts and the model bill's input size."""
 
     key: str
     state: str
     items: int
     stale_items: int
     failed_items: int
+    input_bytes: int = 0  # UTF-8 size of the inputs to (re)embed, for cost estimates
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ItemCounts:
+    """A partition compared item by item with its rows."""
+
+    items: int = 0
+    stale: int = 0
+    failed: int = 0
+    stray_rows: int = 0
+    input_bytes: int = 0
+    retry_at: datetime | None = None
+    has_rows: bool = False
+
+
+def _universe_sql(step: Step, owner: bool, ids: bool) -> str:
+    if step.partitioning == "video":
+        sql = "SELECT v.id, v.owner_id FROM videos v WHERE v.status = 'READY'"
+        return sql + (" AND v.owner_id = :owner" if owner else "") + (" AND v.id = ANY(:ids)" if ids else "")
+    sql = "SELECT o.id, o.id AS owner_id FROM owners o WHERE TRUE"
+    return sql + (" AND o.id = :owner" if owner else "") + (" AND o.id = ANY(:ids)" if ids else "")
+
+
+def item_counts(
+    conn: Connection, step: Step, models: dict[str, str], partition_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, ItemCounts]:
+    """Compare every item of these partitions with the rows and failures of the current generation."""
+    out: dict[uuid.UUID, ItemCounts] = {}
+    pcol = step.row_partition_column
+    cost = f"octet_length(i.{step.cost_column})" if step.cost_column else "0"
+    cache_join, uncached = "", "TRUE"
+    if step.cached_by_identity:
+        cache_join = (
+            "LEFT JOIN text_embedding_cache c ON c.model_id = :model AND c.text_sha256 = i.input_sha256 "
+            "AND d.item_id IS NULL"
+        )
+        uncached = "c.text_sha256 IS NULL"
+    sql = f"""
+        WITH items AS ({step.scoped_items_sql(partitions=True)}),
+        done AS (
+            SELECT r.{pcol} AS partition_id, {step.item_key} AS item_id, r.input_sha256
+            FROM {step.table.name} r
+            WHERE r.{pcol} = ANY(:ids) AND r.step_version = :version AND r.model_id = :model
+        ),
+        fails AS (
+            SELECT f.item_id, f.input_sha256, f.retry_at FROM embedding_failures f
+            WHERE f.step = :step AND f.partition_id = ANY(:ids) AND f.step_version = :version
+              AND f.model_id = :model AND f.retry_at > now()
+        ),
+        judged AS (
+            SELECT i.partition_id, d.item_id IS NOT NULL AS done, f.item_id IS NOT NULL AS failed, f.retry_at,
+                   CASE WHEN d.item_id IS NULL AND {uncached} THEN {cost} ELSE 0 END AS input_bytes
+            FROM items i
+            LEFT JOIN done d ON d.item_id = i.item_id AND d.input_sha256 = i.input_sha256
+            LEFT JOIN fails f ON f.item_id = i.item_id AND f.input_sha256 = i.input_sha256 AND d.item_id IS NULL
+            {cache_join}
+        ),
+        per_partition AS (
+            SELECT partition_id, count(*) AS items,
+                   count(*) FILTER (WHERE NOT done AND NOT failed) AS stale,
+                   count(*) FILTER (WHERE failed) AS failed,
+                   min(retry_at) AS retry_at, coalesce(sum(input_bytes), 0) AS input_bytes
+            FROM judged GROUP BY partition_id
+        ),
+        strays AS (
+            SELECT d.partition_id, count(*) FILTER (WHERE i.item_id IS NULL) AS stray_rows
+            FROM done d LEFT JOIN items i ON i.item_id = d.item_id GROUP BY d.partition_id
+        )
+        SELECT coalesce(p.partition_id, s.partition_id) AS partition_id, p.items, p.stale, p.failed, p.retry_at,
+               p.input_bytes, s.stray_rows, s.partition_id IS NOT NULL AS has_rows
+        FROM per_partition p FULL JOIN strays s ON s.partition_id = p.partition_id
+    """
+    params = step.sql_params(models)
+    for start in range(0, len(partition_ids), ITEM_LEVEL_BATCH):
+        batch = partition_ids[start : start + ITEM_LEVEL_BATCH]
+        for r in conn.execute(text(sql), params | {"ids": batch}):
+            out[r.partition_id] = ItemCounts(
+                r.items or 0,
+                r.stale or 0,
+                r.failed or 0,
+                r.stray_rows or 0,
+                int(r.input_bytes or 0),
+                r.retry_at,
+                r.has_rows,
+            )
+    return out
 
 
 def partition_states(
     conn: Connection,
-    asset_key: str,
-    model_id: str,
+    step: Step,
+    models: dict[str, str],
     *,
     owner_id: uuid.UUID | None = None,
     partition_ids: list[uuid.UUID] | None = None,
 ) -> dict[str, PartitionState]:
-    """The state of every partition of ``asset_key`` (READY videos, or owners), optionally only
-    those of one owner or the given ones."""
-    rule = RULES[asset_key]
-    step = SPEC.step(rule.step)
-    params: dict[str, object] = {
-        "version": step.version,
-        "model": model_id,
-        "channels": list(step.enabled_channels),
-        "step": rule.step,
-        "backoff": FAILURE_BACKOFF,
-        "photo_version": SPEC.step("person_photo").version,
+    """The state of every partition of ``step`` (READY videos, or owners), optionally only those of
+    one owner or the given ones, under the model identities ``models`` (step name → identity)."""
+    params = step.sql_params(models) | {
         "owner": owner_id,
         "ids": list(partition_ids or []),
+        "sources": [*step.sources, step.table.name, *(t.name for t in step.extra_tables)],
+        "inputs": list(step.sources),
     }
-    scope = (f" AND {rule.owner_column} = :owner" if owner_id else "") + (
-        f" AND {rule.partition_column} = ANY(:ids)" if partition_ids is not None else ""
-    )
-    # Hash joins against this version's rows and failures (each matches at most once: both are keyed
-    # by item and version) answer for every partition in one pass instead of a probe per item.
+    same_model = "AND p.model_id = :model" if step.missing_per_model else ""
+    # Changed since a ledger row: a stamp its run's read did not see (of the step's own rows: unless the
+    # run wrote them itself).
+    changed_since = """EXISTS (SELECT 1 FROM input_stamps st WHERE st.partition_id = u.id
+        AND st.source = ANY(:sources) AND NOT pg_visible_in_snapshot(st.changed_xid, {alias}.read_snapshot)
+        AND (st.source = ANY(:inputs) OR st.changed_xid <> {alias}.written_xid))"""
     sql = f"""
-        WITH items AS ({rule.items.format(scope=scope)}),
-        judged AS (
-            SELECT i.partition_id,
-                   r.step_version IS NOT NULL AS done,
-                   f.step IS NOT NULL AS failed
-            FROM items i
-            LEFT JOIN {rule.table} r ON r.step_version = :version AND {rule.done}
-            LEFT JOIN embedding_failures f ON f.step = :step AND f.step_version = :version
-                 AND f.item_id = i.item_id AND f.model_id = :model
-                 AND f.input_sha256 = coalesce(i.sha, f.input_sha256)
-                 AND f.failed_at > now() - :backoff
-        )
-        SELECT partition_id, count(*) AS items,
-               count(*) FILTER (WHERE NOT done AND NOT failed) AS stale,
-               count(*) FILTER (WHERE NOT done AND failed) AS failed
-        FROM judged GROUP BY partition_id
+        WITH u AS ({_universe_sql(step, owner_id is not None, partition_ids is not None)})
+        SELECT u.id, l.items, l.failed, l.retry_at, l.input_bytes, l.step IS NOT NULL AS current,
+               l.step IS NOT NULL AND {changed_since.format(alias="l")} AS changed,
+               prev.step IS NOT NULL AS ever, prev.items AS prev_items, prev.input_bytes AS prev_bytes,
+               prev.changed AS prev_changed
+        FROM u
+        LEFT JOIN partition_ledger l
+               ON l.step = :step AND l.partition_id = u.id AND l.step_version = :version AND l.model_id = :model
+        LEFT JOIN LATERAL (
+            SELECT p.step, p.items, p.input_bytes, {changed_since.format(alias="p")} AS changed
+            FROM partition_ledger p
+            WHERE l.step IS NULL AND p.step = :step AND p.partition_id = u.id {same_model}
+            ORDER BY p.written_at DESC LIMIT 1
+        ) prev ON TRUE
     """
-    counts = {row.partition_id: row for row in conn.execute(text(sql), params)}
-    if rule.partition == "video":
-        universe = "SELECT v.id FROM videos v WHERE v.status = 'READY'"
-        universe += (" AND v.owner_id = :owner" if owner_id else "") + (
-            " AND v.id = ANY(:ids)" if partition_ids is not None else ""
-        )
-        touched_sql = f"SELECT DISTINCT video_id FROM {rule.table}"
-        failed_sql = "SELECT DISTINCT video_id FROM embedding_failures WHERE step = :step"
-    else:
-        universe = "SELECT o.id FROM owners o WHERE TRUE"
-        universe += (" AND o.id = :owner" if owner_id else "") + (
-            " AND o.id = ANY(:ids)" if partition_ids is not None else ""
-        )
-        touched_sql = f"SELECT DISTINCT owner_id FROM {rule.table}"
-        failed_sql = "SELECT DISTINCT owner_id FROM embedding_failures WHERE step = :step"
-    touched = set(conn.execute(text(touched_sql)).scalars()) | set(conn.execute(text(failed_sql), params).scalars())
-    states = {}
-    for partition_id in conn.execute(text(universe), params).scalars():
-        row = counts.get(partition_id)
-        items, stale, failed = (row.items, row.stale, row.failed) if row else (0, 0, 0)
-        if partition_id not in touched and items:
-            state = "missing"
-        elif stale:
-            state = "stale"
-        elif failed:
-            state = "failed"
-        else:
-            state = "fresh"
-        states[str(partition_id)] = PartitionState(str(partition_id), state, items, stale, failed)
+    rows = conn.execute(text(sql), params).all()
+    # Compared item by item: inputs changed since the ledger's read, or nothing to go by.
+    exact = [r.id for r in rows if (r.current and r.changed) or (not r.current and (not r.ever or r.prev_changed))]
+    counted = item_counts(conn, step, models, exact) if exact else {}
+    now = conn.execute(text("SELECT now()")).scalar_one()
+    states: dict[str, PartitionState] = {}
+    for r in rows:
+        key = str(r.id)
+        c = counted.get(r.id)
+        if r.current and not r.changed:  # exactly as its run left it
+            due = bool(r.failed) and (r.retry_at is None or r.retry_at <= now)
+            state = "fresh" if not r.failed else ("stale" if due else "failed")
+            states[key] = PartitionState(
+                key, state, r.items, r.failed if due else 0, 0 if due else r.failed, 0, r.retry_at
+            )
+        elif c is not None:
+            if not r.current and not r.ever and not c.has_rows:
+                state = "missing" if c.items else "fresh"
+            elif c.stale or c.stray_rows or (r.current and c.items != r.items):
+                # Fewer items than the run wrote: some were deleted, with their rows (foreign keys)
+                # but not with what lives outside the database (their search documents).
+                state = "stale"
+            else:
+                state = "failed" if c.failed else "fresh"
+            states[key] = PartitionState(key, state, c.items, c.stale, c.failed, c.input_bytes, c.retry_at)
+        else:  # another generation's ledger, inputs unchanged since: every item is to redo
+            items = r.prev_items or 0
+            states[key] = PartitionState(key, "stale" if items else "fresh", items, items, 0, int(r.prev_bytes or 0))
     return states
-
-
-def video_partition_states(
-    conn: Connection,
-    asset_key: str,
-    model_id: str,
-    *,
-    owner_id: uuid.UUID | None = None,
-    video_ids: list[uuid.UUID] | None = None,
-) -> dict[str, PartitionState]:
-    """``partition_states`` of a video-partitioned asset."""
-    return partition_states(conn, asset_key, model_id, owner_id=owner_id, partition_ids=video_ids)
 
 
 def summarize(states: dict[str, PartitionState]) -> dict[str, int]:
     """Partitions per state, every state present."""
     counts = Counter(s.state for s in states.values())
-    return {state: counts.get(state, 0) for state in ("fresh", "stale", "missing", "failed")}
+    return {state: counts.get(state, 0) for state in STATES}

@@ -9,6 +9,7 @@ estimates what the text step would cost on the OpenAI API (texts not in the cach
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,12 +18,12 @@ from typing import Literal
 
 from sqlalchemy import Connection, select, text
 
-from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG
-from heimdex_assets.db.tables import persons, text_embedding_cache, videos
-from heimdex_assets.freshness import RULES, partition_states
-from heimdex_assets.resources.text_embedder import estimate_tokens
-from heimdex_assets.spec import SPEC
-from heimdex_assets.text_cache import text_sha256
+from heimdex_assets.db.tables import persons, videos
+from heimdex_assets.freshness import partition_states
+from heimdex_assets.resources.text_embedder import BYTES_PER_TOKEN_ESTIMATE
+from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG, RETRY_FAILED_TAG
+from heimdex_assets.steps import STEPS, step_for_asset
+from heimdex_assets.steps import step as step_named
 
 Scope = Literal["video", "owner", "all"]
 # USD per 1M input tokens (OpenAI price list, 2026-01).
@@ -114,7 +115,12 @@ def _scope_videos(conn: Connection, request: ReprocessRequest) -> tuple[list[uui
 
 
 def plan_reprocess(conn: Connection, request: ReprocessRequest, models: dict[str, str]) -> ReprocessPlan:
-    """The partitions each asset must redo for ``request``; ``models``: the model id per asset now configured."""
+    """The partitions each asset must redo for ``request``; ``models``: the model identity per step that
+    the deployment expects (``heimdex_assets.models.expected_models``).
+
+    Plans follow the graph: a partition a step redoes is redone by the steps downstream of it too
+    (photo vectors → query vectors), in the same plan, after it.
+    """
     video_ids, owner_scope = _scope_videos(conn, request)
     owner_ids: list[uuid.UUID] = []
     if request.scope == "owner":
@@ -126,48 +132,26 @@ def plan_reprocess(conn: Connection, request: ReprocessRequest, models: dict[str
         owner_ids = list(conn.execute(q).scalars())
     wanted_states = {"stale", "missing"} | ({"failed"} if request.retry_failed else set())
     plan = ReprocessPlan(request, owner_scope, len(video_ids), {})
-    for asset_key, rule in RULES.items():
-        step = SPEC.step(rule.step)
-        ids = video_ids if rule.partition == "video" else owner_ids
-        asset = AssetPlan(asset_key, step.version, models[asset_key])
+    for step in STEPS:
+        ids = video_ids if step.partitioning == "video" else owner_ids
+        asset = AssetPlan(step.asset_key, step.version, models[step.name])
         if ids:
-            states = partition_states(conn, asset_key, models[asset_key], partition_ids=ids)
-            asset.partitions = [k for k, s in states.items() if request.force or s.state in wanted_states]
+            states = partition_states(conn, step, models, partition_ids=ids)
+            chosen = {k for k, s in states.items() if request.force or s.state in wanted_states}
+            for upstream in step.upstream:
+                chosen |= set(plan.assets[step_named(upstream).asset_key].partitions)
+            asset.partitions = [k for k in states if k in chosen]
             for s in states.values():
                 asset.states[s.state] = asset.states.get(s.state, 0) + 1
             asset.items_stale = sum(s.items if request.force else s.stale_items for s in states.values())
             asset.items_failed = sum(s.failed_items for s in states.values())
-        plan.assets[asset_key] = asset
-    text_plan = plan.assets["scene_text_embeddings"]
-    price = OPENAI_PRICE_PER_MILLION.get(text_plan.model_id)
-    if price is not None and text_plan.partitions:
-        plan.estimated_openai_tokens = _uncached_tokens(
-            conn, [uuid.UUID(k) for k in text_plan.partitions], text_plan.model_id
-        )
-        plan.estimated_openai_cost_usd = plan.estimated_openai_tokens / 1e6 * price
+            if step.cost_column and asset.model_id in OPENAI_PRICE_PER_MILLION:
+                chosen_bytes = sum(states[k].input_bytes for k in asset.partitions)
+                plan.estimated_openai_tokens += math.ceil(chosen_bytes / BYTES_PER_TOKEN_ESTIMATE)
+                price = OPENAI_PRICE_PER_MILLION[asset.model_id]
+                plan.estimated_openai_cost_usd = plan.estimated_openai_tokens / 1e6 * price
+        plan.assets[step.asset_key] = asset
     return plan
-
-
-def _uncached_tokens(conn: Connection, video_ids: list[uuid.UUID], model_id: str) -> int:
-    """Estimated tokens of the text inputs of these videos that the cache does not hold yet."""
-    from heimdex_assets.assets.scene_text import STEP, channel_input
-    from heimdex_assets.assets.video_runs import load_video_run
-
-    run = load_video_run(conn, [str(v) for v in video_ids])
-    texts = {
-        text_sha256(found[0]): found[0]
-        for scene in run.all_scenes
-        for channel in STEP.enabled_channels
-        if (found := channel_input(scene, channel))
-    }
-    cached = set(
-        conn.execute(
-            select(text_embedding_cache.c.text_sha256).where(
-                text_embedding_cache.c.model_id == model_id, text_embedding_cache.c.text_sha256.in_(list(texts))
-            )
-        ).scalars()
-    )
-    return sum(estimate_tokens(t) for sha, t in texts.items() if sha not in cached)
 
 
 @dataclass(frozen=True)
@@ -184,7 +168,8 @@ def partition_groups(plan: ReprocessPlan) -> list[PartitionGroup]:
     groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for asset_key, asset in plan.assets.items():
         if asset.partitions:
-            groups.setdefault((RULES[asset_key].partition, tuple(sorted(asset.partitions))), []).append(asset_key)
+            kind = step_for_asset(asset_key).partitioning
+            groups.setdefault((kind, tuple(sorted(asset.partitions))), []).append(asset_key)
     return [PartitionGroup(kind, list(keys), asset_keys) for (kind, keys), asset_keys in groups.items()]
 
 
@@ -195,6 +180,8 @@ def plan_tags(plan: ReprocessPlan) -> dict[str, str]:
         tags[OWNER_SCOPE_TAG] = str(plan.owner_scope)
     if plan.request.force:
         tags[FORCE_TAG] = "true"
+    if plan.request.retry_failed:
+        tags[RETRY_FAILED_TAG] = "true"
     return tags
 
 
@@ -230,14 +217,3 @@ def run_plan(
             on_range_done=(lambda o, label=label: on_range_done(label, o)) if on_range_done else None,
         )
     return outcomes
-
-
-def configured_models(resources: dict[str, object]) -> dict[str, str]:
-    """The model id each asset's rows must carry to be fresh, from the configured resources."""
-    clip_model = resources["clip"].model_id
-    return {
-        asset_key: {"scene_text_embeddings": resources["text_embedder"].model_id, "scene_search_index": "bm25"}.get(
-            asset_key, clip_model
-        )
-        for asset_key in RULES
-    }

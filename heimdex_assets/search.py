@@ -22,6 +22,7 @@ from heimdex_assets.db.tables import (
     scene_text_vectors,
     scenes,
 )
+from heimdex_assets.models import ModelMismatchError, recorded_models
 from heimdex_assets.spec import SPEC
 
 Mode = Literal["lexical", "semantic", "hybrid"]
@@ -100,8 +101,11 @@ def nearest_scenes(
     return [row.scene_id for row in conn.execute(stmt, params)]
 
 
-def person_query_vector(conn: Connection, owner_id: uuid.UUID, person_id: uuid.UUID) -> tuple[np.ndarray, str]:
-    """The person's query vector and its model; SearchError if the person is not the owner's."""
+def person_query_vector(
+    conn: Connection, owner_id: uuid.UUID, person_id: uuid.UUID, expected: dict | None = None
+) -> tuple[np.ndarray, str]:
+    """The person's query vector (of the deployment's model, when recorded) and its model; SearchError if
+    the person is not the owner's."""
     owner = conn.execute(select(persons.c.owner_id).where(persons.c.id == person_id)).scalar()
     if owner is None or owner != owner_id:
         # Same message for "absent" and "another owner's": existence is not leaked across tenants.
@@ -111,6 +115,11 @@ def person_query_vector(conn: Connection, owner_id: uuid.UUID, person_id: uuid.U
             person_query_vectors.c.person_id == person_id,
             person_query_vectors.c.owner_id == owner_id,
             person_query_vectors.c.step_version == SPEC.step("person_query").version,
+            *(
+                [person_query_vectors.c.model_id == expected["person_query"].model_id]
+                if expected and "person_query" in expected
+                else []
+            ),
         )
     ).first()
     if row is None:
@@ -182,6 +191,19 @@ def search_scenes(
         raise SearchError("empty query: give words to search for, or --person-id")
     rankings: dict[str, list[uuid.UUID]] = {}
     depth = max(limit * 3, 30)
+    with db.engine.connect() as conn:
+        expected = recorded_models(conn)
+
+    def model_of(step: str, configured: str) -> str:
+        """The deployment's model of ``step``; a query embedded by another model would compare across spaces."""
+        model = expected[step].model_id if step in expected else configured
+        if model != configured:
+            raise ModelMismatchError(
+                f"{step}: the deployment's vectors are {model}, but this process is configured for {configured}; "
+                "configure it to match"
+            )
+        return model
+
     if query and mode in ("lexical", "hybrid"):
         rankings["bm25"] = [uuid.UUID(str(h.scene_id)) for h in search_index.search(owner_id, query, depth)]
     with db.engine.begin() as conn:
@@ -192,22 +214,24 @@ def search_scenes(
                 owner_id,
                 text_embedder.embed_texts([query]).vectors[0],
                 version=SPEC.step("scene_text").version,
-                model_id=text_embedder.model_id,
+                model_id=model_of("scene_text", text_embedder.model_id),
                 limit=depth,
                 channels=SEMANTIC_CHANNELS,
             )
-            if not clip.is_placeholder:  # random CLIP weights cannot rank text against images
+            clip_model = expected["scene_clip"].model_id if "scene_clip" in expected else clip.model_id
+            # Random CLIP weights cannot rank text against images; nor can a CLIP other than the vectors'.
+            if not clip.is_placeholder and clip_model == clip.model_id:
                 rankings["clip"] = nearest_scenes(
                     conn,
                     scene_clip_vectors,
                     owner_id,
                     clip.embed_texts([query])[0],
                     version=SPEC.step("scene_clip").version,
-                    model_id=clip.model_id,
+                    model_id=clip_model,
                     limit=depth,
                 )
         if person_id is not None:
-            vector, model_id = person_query_vector(conn, owner_id, person_id)
+            vector, model_id = person_query_vector(conn, owner_id, person_id, expected)
             rankings["person"] = nearest_scenes(
                 conn,
                 scene_person_vectors,

@@ -15,6 +15,7 @@ from heimdex_assets.resources import (
     SearchIndex,
     TextEmbedder,
 )
+from heimdex_assets.resources.clip_embedder import TINY_RANDOM_MODEL, TINY_RANDOM_MODEL_ID
 
 
 def _env(name: str) -> str | None:
@@ -54,6 +55,26 @@ def clip_from_env() -> ClipEmbedder:
         checkpoint_path=_env("HEIMDEX_CLIP_CHECKPOINT"),
         device=_env("HEIMDEX_CLIP_DEVICE") or "auto",
     )
+
+
+CLIP_SETTINGS = ("HEIMDEX_CLIP_MODEL", "HEIMDEX_CLIP_PRETRAINED", "HEIMDEX_CLIP_CHECKPOINT")
+
+
+def follow_recorded_placeholder(resources: dict[str, dg.ConfigurableResource]) -> dict[str, dg.ConfigurableResource]:
+    """When this process leaves CLIP unconfigured and the database's deployment recorded the placeholder
+    weights (``heimdex demo`` asked for them), use them too, so the CLI agrees with the demo it follows.
+    Configured CLIP settings always win; Dagster workers read only their configuration."""
+    if any(_env(name) for name in CLIP_SETTINGS):
+        return resources
+    from sqlalchemy import select
+
+    from heimdex_assets.db.tables import step_models
+
+    with resources["db"].engine.connect() as conn:
+        recorded = conn.execute(select(step_models.c.model_id).where(step_models.c.step == "scene_clip")).scalar()
+    if recorded == TINY_RANDOM_MODEL_ID:
+        resources = resources | {"clip": ClipEmbedder(model_name=TINY_RANDOM_MODEL, device=resources["clip"].device)}
+    return resources
 
 
 def search_index_from_env(deferred: bool = True) -> SearchIndex:

@@ -17,12 +17,14 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG
 from heimdex_assets.backfills import BackfillError, backfill_status
 from heimdex_assets.cli import main
 from heimdex_assets.db.tables import scene_clip_vectors, scene_search_documents, scene_text_vectors, scenes
-from heimdex_assets.reprocess import ReprocessRequest, configured_models, plan_reprocess
+from heimdex_assets.models import expected_models
+from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess
 from heimdex_assets.resources.clip_embedder import TINY_MODEL
+from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG
+from heimdex_assets.settings import resources_from_env
 from heimdex_assets.spec import SPEC
 
 BIN = Path(sys.executable).parent  # the venv's dagster-webserver and dagster-daemon
@@ -65,7 +67,6 @@ class Deployment:
             "HEIMDEX_SEARCH_SQLITE_PATH": str(tmp_path / "search" / "scenes.sqlite"),
             "HEIMDEX_CLIP_MODEL": TINY_MODEL,
             "HEIMDEX_CLIP_CHECKPOINT": str(clip_checkpoint),
-            "HEIMDEX_CLIP_FALLBACK": "none",
             "HEIMDEX_CLIP_DEVICE": "cpu",
             "HEIMDEX_TEXT_PROVIDER": "local",
             "HF_HUB_OFFLINE": "1",
@@ -204,7 +205,7 @@ def test_heimdex_reprocess_launches_backfills_that_the_daemon_runs_for_one_owner
         fresh = plan_reprocess(
             conn,
             ReprocessRequest(scope="owner", owner_id=a),
-            configured_models({"clip": clip, "text_embedder": text_embedder}),
+            expected_models(conn, resources_from_env(deferred=False)),
         )
     assert fresh.empty
 

@@ -1,7 +1,10 @@
-"""The ``heimdex`` command end to end: demo on the defaults (embedded search, CLIP fallback), status, search."""
+"""The ``heimdex`` command end to end: demo on the defaults (embedded search, placeholder CLIP), status, search."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import text
@@ -40,8 +43,9 @@ def env(demo_env, monkeypatch):
 def test_demo_materialises_all_six_assets_twice_to_the_same_state(env, capsys, db):
     code, out, err = run_cli(capsys, "demo", "--videos-per-owner", "2", "--scenes", "5")
     assert code == 0, err
-    assert "note: CLIP weights ViT-B-32/openai unavailable" in out  # said once, in one line
-    assert out.count("CLIP weights") == 1
+    assert "note: CLIP weights ViT-B-32/openai could not be loaded" in out  # said once, in one line
+    assert "the demo uses placeholder CLIP weights (open_clip:tiny-random)" in out
+    assert sum("CLIP weights" in line for line in out.splitlines()) == 1
     assert "scene_search (documents)     30" in out
 
     def state():
@@ -86,6 +90,16 @@ def test_demo_materialises_all_six_assets_twice_to_the_same_state(env, capsys, d
         assert status["assets"][asset]["partitions"] == {"fresh": 6, "stale": 0, "missing": 0, "failed": 0}
     for asset in ("person_photo_embeddings", "person_query_embeddings"):
         assert status["assets"][asset]["partitions"] == {"fresh": 3, "stale": 0, "missing": 0, "failed": 0}
+
+    # The demo recorded its placeholder CLIP; a CLI that leaves CLIP unconfigured follows that record.
+    assert status["assets"]["scene_clip_embeddings"]["model_id"] == "open_clip:tiny-random"
+    assert status["assets"]["scene_clip_embeddings"]["configured_model_id"] == "open_clip:tiny-random"
+    code, out, _ = run_cli(capsys, "models", "--json")
+    assert json.loads(out)["steps"]["scene_clip"] == {
+        "deployment": "open_clip:tiny-random",
+        "recorded_by": "heimdex demo",
+        "configured": "open_clip:tiny-random",
+    }
 
     owner = demo_id("owner/0")
     code, out, _ = run_cli(capsys, "search", "--owner-id", str(owner), "narwhal", "--json", "--mode", "lexical")
@@ -149,6 +163,30 @@ def test_a_database_that_is_down_is_named_without_its_password(env, capsys, monk
         "heimdex: error: cannot reach the application database at postgresql+psycopg://app:***@127.0.0.1:9/heimdex"
     )
     assert "hunter2" not in err and err.count("\n") == 1
+
+
+def test_status_and_a_dry_run_load_no_model(env, rows, tmp_path):
+    """Model identity is configuration: with a CLIP checkpoint that cannot load, status and a dry run
+    still answer, and neither torch nor open_clip is even imported."""
+    rows.video(rows.owner(), n_scenes=1)
+    bogus = tmp_path / "not-a-checkpoint.pt"
+    bogus.write_bytes(b"these bytes are no model")
+    script = (
+        "import sys, json\n"
+        "from heimdex_assets.cli import main\n"
+        "assert main(['status', '--json']) == 0\n"
+        "assert main(['reprocess', '--scope', 'all', '--dry-run', '--json']) == 0\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'open_clip', 'sentence_transformers') if m in sys.modules)))\n"
+    )
+    environment = {**os.environ, "HEIMDEX_CLIP_CHECKPOINT": str(bogus), "HEIMDEX_CLIP_MODEL": "ViT-B-32"}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == []
+    status = json.loads("\n".join(lines[: lines.index("}") + 1]))
+    model = status["assets"]["scene_clip_embeddings"]["model_id"]
+    assert model.startswith("open_clip:ViT-B-32@sha256:")  # from the file's bytes, not from loading it
+    assert status["assets"]["scene_clip_embeddings"]["partitions"]["missing"] == 1
 
 
 def test_tables_list_is_complete(db):

@@ -6,6 +6,7 @@ from sqlalchemy import select, text, update
 
 from heimdex_assets.assets import scene_clip_embeddings, scene_search_index, scene_text_embeddings
 from heimdex_assets.db.tables import scene_text_vectors, scenes, videos
+from heimdex_assets.models import expected_models
 from heimdex_assets.reprocess import ReprocessError, ReprocessRequest, plan_reprocess, run_plan
 from heimdex_assets.resources import OpenCvPersonDetector, SearchIndex
 from heimdex_assets.resources.text_embedder import estimate_tokens
@@ -24,14 +25,8 @@ def world(db, rows, resources, instance, tmp_path, clip, text_embedder):
     }
     keys = [str(v) for vs in vids.values() for v in vs]
     materialize_videos(VIDEO_ASSETS, keys, resources, instance)
-    models = {
-        "scene_text_embeddings": text_embedder.model_id,
-        "scene_clip_embeddings": clip.model_id,
-        "scene_person_embeddings": clip.model_id,
-        "scene_search_index": "bm25",
-        "person_photo_embeddings": clip.model_id,
-        "person_query_embeddings": clip.model_id,
-    }
+    with db.engine.connect() as conn:
+        models = expected_models(conn, resources)
     return a, b, vids, resources, models
 
 
@@ -50,7 +45,7 @@ def test_an_edited_transcript_plans_exactly_its_video_for_text_and_search(db, wo
             .where(scenes.c.video_id == edited, scenes.c.scene_index == 0)
             .values(transcript="The lighthouse keeper polished the lens at dusk.")
         )
-    p = plan(db, models | {"scene_text_embeddings": "text-embedding-3-small"}, scope="all")
+    p = plan(db, models | {"scene_text": "text-embedding-3-small"}, scope="all")
     assert p.assets["scene_search_index"].partitions == [str(edited)]
     assert p.assets["scene_clip_embeddings"].partitions == []
     # Against another model every text partition is stale; the estimate counts texts not cached for it.

@@ -30,11 +30,11 @@ from heimdex_assets.backfills import (
     launch_plan_backfills,
 )
 from heimdex_assets.db.engine import DatabaseUnavailableError
+from heimdex_assets.models import expected_models
 from heimdex_assets.reprocess import (
     ReprocessError,
     ReprocessRequest,
     ScopeNotFoundError,
-    configured_models,
     plan_reprocess,
 )
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
@@ -110,10 +110,10 @@ def create_app(
     """The admin API over ``resources`` (default: from the environment, as the CLI) and the Dagster
     webserver at ``graphql_url`` (default: ``HEIMDEX_DAGSTER_GRAPHQL_URL``). Raises AuthConfigError
     without a JWT secret (``jwt_secret`` or ``HEIMDEX_JWT_SECRET``)."""
-    from heimdex_assets.settings import resources_from_env
+    from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
 
     secret = jwt_secret_from_env(jwt_secret)
-    resources = resources if resources is not None else resources_from_env(deferred=False)
+    resources = resources if resources is not None else follow_recorded_placeholder(resources_from_env(deferred=False))
     graphql_url = graphql_url or graphql_url_from_env()
     bearer = HTTPBearer(auto_error=False)  # so that a missing token is a 401 of ours, with its header
 
@@ -130,7 +130,7 @@ def create_app(
         request = scoped_request(body, principal)
         try:
             with resources["db"].engine.connect() as conn:
-                plan = plan_reprocess(conn, request, configured_models(resources))
+                plan = plan_reprocess(conn, request, expected_models(conn, resources))
         except ScopeNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
         except ReprocessError as exc:

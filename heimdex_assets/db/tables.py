@@ -91,7 +91,7 @@ scene_text_vectors = Table(
     Column("step_version", Text, primary_key=True),
     Column("video_id", Uuid, nullable=False),
     Column("owner_id", Uuid, nullable=False),
-    Column("model_id", Text, nullable=False),
+    Column("model_id", Text, primary_key=True),
     Column("input_sha256", Text, nullable=False),
     Column("dimension", Integer, nullable=False),
     Column("embedding", Vector(), nullable=False),
@@ -105,7 +105,7 @@ scene_clip_vectors = Table(
     Column("step_version", Text, primary_key=True),
     Column("video_id", Uuid, nullable=False),
     Column("owner_id", Uuid, nullable=False),
-    Column("model_id", Text, nullable=False),
+    Column("model_id", Text, primary_key=True),
     Column("input_sha256", Text, nullable=False),
     Column("dimension", Integer, nullable=False),
     Column("embedding", Vector(), nullable=False),
@@ -130,11 +130,13 @@ embedding_failures = Table(
     Column("step_version", Text, primary_key=True),
     Column("video_id", Uuid),
     Column("owner_id", Uuid, nullable=False),
-    Column("model_id", Text, nullable=False),
     Column("input_sha256", Text, nullable=False),
     Column("reason", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("failed_at", DateTime(timezone=True)),
+    Column("model_id", Text, primary_key=True),
+    Column("partition_id", Uuid, nullable=False),
+    Column("retry_at", DateTime(timezone=True), nullable=False),
 )
 
 scene_person_vectors = Table(
@@ -145,7 +147,7 @@ scene_person_vectors = Table(
     Column("detection_index", Integer, primary_key=True),
     Column("video_id", Uuid, nullable=False),
     Column("owner_id", Uuid, nullable=False),
-    Column("model_id", Text, nullable=False),
+    Column("model_id", Text, primary_key=True),
     Column("input_sha256", Text, nullable=False),
     Column("detector", Text, nullable=False),
     Column("box_x", Integer, nullable=False),
@@ -165,7 +167,7 @@ scene_person_scans = Table(
     Column("step_version", Text, primary_key=True),
     Column("video_id", Uuid, nullable=False),
     Column("owner_id", Uuid, nullable=False),
-    Column("model_id", Text, nullable=False),
+    Column("model_id", Text, primary_key=True),
     Column("input_sha256", Text, nullable=False),
     Column("detections", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True)),
@@ -178,7 +180,7 @@ person_photo_vectors = Table(
     Column("step_version", Text, primary_key=True),
     Column("person_id", Uuid, nullable=False),
     Column("owner_id", Uuid, nullable=False),
-    Column("model_id", Text, nullable=False),
+    Column("model_id", Text, primary_key=True),
     Column("input_sha256", Text, nullable=False),
     Column("dimension", Integer, nullable=False),
     Column("embedding", Vector(), nullable=False),
@@ -191,7 +193,7 @@ person_query_vectors = Table(
     Column("person_id", Uuid, primary_key=True),
     Column("step_version", Text, primary_key=True),
     Column("owner_id", Uuid, nullable=False),
-    Column("model_id", Text, nullable=False),
+    Column("model_id", Text, primary_key=True),
     Column("input_sha256", Text, nullable=False),
     Column("photo_count", Integer, nullable=False),
     Column("dimension", Integer, nullable=False),
@@ -206,7 +208,35 @@ scene_search_documents = Table(
     Column("step_version", Text, primary_key=True),
     Column("video_id", Uuid, nullable=False),
     Column("owner_id", Uuid, nullable=False),
+    Column("model_id", Text, primary_key=True),  # the index identity (which index holds the document)
     Column("index_name", Text, nullable=False),
     Column("input_sha256", Text, nullable=False),
     Column("indexed_at", DateTime(timezone=True)),
+)
+
+# Freshness (migration 0004): what each run read and wrote, per partition and generation.
+partition_ledger = Table(
+    "partition_ledger",
+    metadata,
+    Column("step", Text, primary_key=True),
+    Column("partition_id", Uuid, primary_key=True),
+    Column("step_version", Text, primary_key=True),
+    Column("model_id", Text, primary_key=True),
+    Column("owner_id", Uuid, nullable=False),
+    Column("read_snapshot", Text, nullable=False),  # pg_snapshot
+    Column("items", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("retry_at", DateTime(timezone=True)),
+    Column("input_bytes", Integer, nullable=False),
+    Column("written_at", DateTime(timezone=True)),
+)
+
+# The model identity the deployment expects per step (see heimdex_assets.models).
+step_models = Table(
+    "step_models",
+    metadata,
+    Column("step", Text, primary_key=True),
+    Column("model_id", Text, nullable=False),
+    Column("recorded_at", DateTime(timezone=True)),
+    Column("recorded_by", Text, nullable=False),
 )

@@ -22,6 +22,8 @@ from heimdex_assets.db.tables import (
     videos,
 )
 from heimdex_assets.demo.corpus import Corpus, build_corpus, load_corpus
+from heimdex_assets.models import configured_models, record_models
+from heimdex_assets.resources.clip_embedder import TINY_RANDOM_MODEL, ClipEmbedder, ClipWeightsUnavailableError
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION, SPEC
 
 
@@ -63,9 +65,16 @@ def run_demo(
         f"{len(corpus.persons)} persons, {len(corpus.photos)} reference photos (media in {media_dir()})"
     )
     clip, text = resources["clip"], resources["text_embedder"]
-    if clip.fallback_reason:
-        say(f"note: {clip.fallback_reason}; using {clip.model_id} (placeholder vectors, stale once real weights load)")
-    say(f"models: text {text.model_id} ({text.resolved_provider}), CLIP {clip.model_id}")
+    try:
+        clip.ensure_loaded()
+    except ClipWeightsUnavailableError as exc:
+        # The demo asks for placeholder weights, says so once, and records the choice so that later
+        # `heimdex status` and `heimdex search` (and workers) agree with it.
+        clip = resources["clip"] = ClipEmbedder(model_name=TINY_RANDOM_MODEL, device=clip.device)
+        say(f"note: {str(exc).split('; set ')[0]}; the demo uses placeholder CLIP weights ({clip.model_id})")
+    with db.transaction() as conn:
+        record_models(conn, configured_models(resources, search=False), "heimdex demo")
+    say(f"models: text {text.model_id} ({text.resolved_provider}), CLIP {clip.model_id} (recorded for this database)")
 
     instance = dagster_instance()
     with db.engine.connect() as conn:

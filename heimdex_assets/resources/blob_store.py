@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -63,6 +64,19 @@ class BlobStore(dg.ConfigurableResource):
         """The decoded RGB image at ``uri`` and its raw bytes (for hashing)."""
         data = self.read(uri)
         return decode_image(data, uri), data
+
+    def read_declared_image(self, uri: str, declared_sha256: str | None) -> Image.Image:
+        """The decoded image at ``uri``, whose bytes must have ``declared_sha256`` when one is declared:
+        the declared hash is the input's identity, so other bytes must not pass under it."""
+        data = self.read(uri)
+        if declared_sha256 is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != declared_sha256.lower():
+                shown = _safe(uri) if urlparse(uri).scheme in ("http", "https") else uri
+                raise BlobError(
+                    f"bytes at {shown} have sha256 {actual[:12]}…, not the declared {declared_sha256[:12]}…"
+                )
+        return decode_image(data, uri)
 
 
 def _safe(uri: str) -> str:

@@ -6,6 +6,8 @@ neural face or person model) can replace the OpenCV one behind the same interfac
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -144,6 +146,13 @@ class OpenCvPersonDetector(dg.ConfigurableResource):
     def name(self) -> str:
         """The detector family and version, for metadata (each Detection names the model that found it)."""
         return f"opencv-{cv2.__version__}"
+
+    @property
+    def identity(self) -> str:
+        """The detector and every setting that changes its boxes: part of the model identity of the
+        steps that crop people, so a changed setting makes their rows stale without a version bump."""
+        settings = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        return f"{self.name}#{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
     def _scale(self, width: int, height: int) -> float:
         long_side = max(width, height)

@@ -3,7 +3,7 @@
 import dagster as dg
 from sqlalchemy import Connection, delete, select
 
-from heimdex_assets.db.tables import embedding_failures, owners
+from heimdex_assets.db.tables import embedding_failures, owners, partition_ledger
 from heimdex_assets.partitions import owners_partitions
 from heimdex_assets.resources import AppDatabase
 from heimdex_assets.sensors.discovery import MAX_NEW_PARTITIONS_PER_TICK, discovery_result, ids_of
@@ -34,6 +34,8 @@ def owner_discovery_sensor(context: dg.SensorEvaluationContext, db: AppDatabase)
         to_add, to_delete = plan_owner_partitions(conn, existing)
         gone = ids_of(to_delete)
         if gone:
-            # Persons, photos and their vectors went with the owner (foreign keys); failure records have none.
+            # Persons, photos, videos and their rows went with the owner (foreign keys); failures and
+            # ledger rows (the owner's and its videos') have none.
             conn.execute(delete(embedding_failures).where(embedding_failures.c.owner_id.in_(gone)))
+            conn.execute(delete(partition_ledger).where(partition_ledger.c.owner_id.in_(gone)))
     return discovery_result(context, owners_partitions, len(existing), to_add, to_delete)

@@ -14,18 +14,12 @@ from dataclasses import dataclass
 import dagster as dg
 
 from heimdex_assets.assets import DERIVED_ASSETS
-from heimdex_assets.freshness import RULES
 from heimdex_assets.launch import RANGE_END_TAG, RANGE_START_TAG, contiguous_ranges
+from heimdex_assets.models import expected_models
 from heimdex_assets.partitions import owners_partitions, videos_partitions
-from heimdex_assets.reprocess import (
-    ReprocessPlan,
-    ReprocessRequest,
-    configured_models,
-    partition_groups,
-    plan_reprocess,
-    plan_tags,
-)
-from heimdex_assets.resources import AppDatabase, ClipEmbedder, TextEmbedder
+from heimdex_assets.reprocess import ReprocessPlan, ReprocessRequest, partition_groups, plan_reprocess, plan_tags
+from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
+from heimdex_assets.steps import step_for_asset
 
 MAX_RUN_REQUESTS_PER_TICK = 200
 # A requested range is not requested again for this long: time for its run to be queued and done.
@@ -96,7 +90,7 @@ def plan_launches(
     wait for a later tick. Keys not registered yet in ``ordered`` and pairs in ``launched`` are left out
     (``plan`` is narrowed in place, so that assets still redoing the same keys share a run)."""
     for asset_key, asset in plan.assets.items():
-        registered = set(ordered[RULES[asset_key].partition])
+        registered = set(ordered[step_for_asset(asset_key).partitioning])
         asset.partitions = [k for k in asset.partitions if k in registered and (asset_key, k) not in launched]
     ranges, left = [], 0
     for group in partition_groups(plan):
@@ -119,16 +113,25 @@ def plan_launches(
     description="Requests runs for the partitions the embedding spec makes stale or missing; not failed ones.",
 )
 def stale_partitions_sensor(
-    context: dg.SensorEvaluationContext, db: AppDatabase, text_embedder: TextEmbedder, clip: ClipEmbedder
+    context: dg.SensorEvaluationContext,
+    db: AppDatabase,
+    text_embedder: TextEmbedder,
+    clip: ClipEmbedder,
+    person_detector: OpenCvPersonDetector,
+    search_index: SearchIndex,
 ) -> dg.SensorResult:
     """Runs for every stale or missing registered partition, grouped by asset and in ranges, 200 at most a tick;
     a range is not requested again within an hour (cursor)."""
     now = time.time()
     recent = [r for r in read_cursor(context.cursor) if now - r.at < RELAUNCH_AFTER_SECONDS]
     with db.engine.connect() as conn:
-        plan = plan_reprocess(
-            conn, ReprocessRequest(scope="all"), configured_models({"text_embedder": text_embedder, "clip": clip})
-        )
+        resources = {
+            "text_embedder": text_embedder,
+            "clip": clip,
+            "person_detector": person_detector,
+            "search_index": search_index,
+        }
+        plan = plan_reprocess(conn, ReprocessRequest(scope="all"), expected_models(conn, resources))
     if plan.empty:
         return dg.SensorResult(skip_reason=dg.SkipReason("every partition is fresh"), cursor=write_cursor(recent))
     cost = plan.estimated_openai_cost_usd

@@ -1,9 +1,9 @@
 """``video_discovery_sensor``: one ``videos`` partition per READY video; none for deleted ones."""
 
 import dagster as dg
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, delete, select, text
 
-from heimdex_assets.db.tables import embedding_failures, videos
+from heimdex_assets.db.tables import embedding_failures, partition_ledger, videos
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.resources import AppDatabase, SearchIndex
 from heimdex_assets.sensors.discovery import MAX_NEW_PARTITIONS_PER_TICK, discovery_result, ids_of
@@ -45,8 +45,11 @@ def video_discovery_sensor(
     with db.transaction() as conn:
         to_add, to_delete = plan_video_partitions(conn, existing)
         if to_delete:
-            # Vectors went with their scenes (foreign keys); failure records have none.
-            conn.execute(delete(embedding_failures).where(embedding_failures.c.video_id.in_(ids_of(to_delete))))
+            # Vectors went with their scenes (foreign keys); failures, ledger and stamps have none.
+            gone = ids_of(to_delete)
+            conn.execute(delete(embedding_failures).where(embedding_failures.c.partition_id.in_(gone)))
+            conn.execute(delete(partition_ledger).where(partition_ledger.c.partition_id.in_(gone)))
+            conn.execute(text("DELETE FROM input_stamps WHERE partition_id = ANY(:ids)"), {"ids": gone})
     if to_delete:
         # Their documents, in every index version: deleted videos must not be found any more.
         search_index.delete_videos(None, to_delete)

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from heimdex_assets.api import create_app
-from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG
+from heimdex_assets.resources import SearchIndex
+from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
 from heimdex_assets_tests.test_backfills import REPO, Deployment, free_port
 
@@ -39,8 +40,9 @@ def unreachable_url() -> str:
 
 
 @pytest.fixture
-def client(db, clip, text_embedder, unreachable_url) -> TestClient:
-    app = create_app({"db": db, "clip": clip, "text_embedder": text_embedder}, unreachable_url, SECRET)
+def client(resources, tmp_path, unreachable_url) -> TestClient:
+    search_index = SearchIndex(sqlite_path=str(tmp_path / "search.sqlite"))
+    app = create_app(resources | {"search_index": search_index}, unreachable_url, SECRET)
     return TestClient(app)
 
 
@@ -163,14 +165,18 @@ def deployment(tmp_path, database_url, tiny_clip_checkpoint):
 
 
 def test_an_owner_scoped_admin_queues_backfills_of_its_owner_and_reads_their_progress(
-    deployment, db, rows, clip, text_embedder
+    deployment, db, rows, resources, tmp_path
 ):
     a, b = rows.owner("a"), rows.owner("b")
     videos_a = {str(rows.video(a, n_scenes=1)), str(rows.video(a, n_scenes=1))}
     rows.video(b, n_scenes=1)
     deployment.start_webserver()
     client = TestClient(
-        create_app({"db": db, "clip": clip, "text_embedder": text_embedder}, deployment.graphql_url, SECRET)
+        create_app(
+            resources | {"search_index": SearchIndex(sqlite_path=str(tmp_path / "search.sqlite"))},
+            deployment.graphql_url,
+            SECRET,
+        )
     )
     headers = bearer(token(owner_id=a))
 

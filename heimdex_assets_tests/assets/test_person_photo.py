@@ -1,6 +1,7 @@
 import hashlib
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -12,8 +13,13 @@ from sqlalchemy import insert, select, update
 from heimdex_assets.assets.person_photo import person_photo_embeddings
 from heimdex_assets.db.tables import embedding_failures, person_photo_vectors, person_reference_photos, persons
 from heimdex_assets.demo import build_corpus, load_corpus
+from heimdex_assets.freshness import partition_states
+from heimdex_assets.models import expected_models, person_identity
+from heimdex_assets.resources import SearchIndex
 from heimdex_assets.resources.person_detector import crop
+from heimdex_assets.runs import RETRY_FAILED_TAG
 from heimdex_assets.spec import SPEC
+from heimdex_assets.steps import PERSON_PHOTO
 
 STEP = SPEC.step("person_photo")
 
@@ -31,7 +37,7 @@ def corpus(db, tmp_path):
     return load_demo(db, tmp_path / "media")
 
 
-def materialize_owner(assets, owner_id, resources, instance, person_detector, raise_on_error=True):
+def materialize_owner(assets, owner_id, resources, instance, person_detector, raise_on_error=True, tags=None):
     """Materialise ``assets`` for one ``owners`` partition, adding the partition first."""
     key = str(owner_id)
     if key not in instance.get_dynamic_partitions("owners"):
@@ -42,7 +48,23 @@ def materialize_owner(assets, owner_id, resources, instance, person_detector, ra
         resources=resources | {"person_detector": person_detector},
         instance=instance,
         raise_on_error=raise_on_error,
+        tags=tags,
     )
+
+
+def owner_state(db, step, resources, person_detector, owner_id, tmp_path):
+    """The freshness of one owner's partition for ``step``, under the models the deployment expects."""
+    everything = resources | {
+        "person_detector": person_detector,
+        "search_index": SearchIndex(sqlite_path=str(tmp_path / "search" / "scenes.sqlite")),
+    }
+    with db.engine.connect() as conn:
+        return partition_states(conn, step, expected_models(conn, everything), partition_ids=[owner_id])[str(owner_id)]
+
+
+def failure_rows(db):
+    with db.engine.connect() as conn:
+        return {r.item_id: r for r in conn.execute(select(embedding_failures))}
 
 
 def metadata(result, asset_key):
@@ -63,6 +85,10 @@ def photo_rows(db, **where):
 
 def vector_rows(db, **where):
     return {r["photo_id"]: r for r in table_rows(db, person_photo_vectors, ["photo_id", "step_version"], **where)}
+
+
+def sha256_of(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def render_no_person(path: Path | str, seed: int) -> str:
@@ -124,12 +150,16 @@ def test_reference_photos_become_ready_with_the_clip_vector_of_their_person(
         row = vectors[ph.id]
         assert row["input_sha256"] == hashlib.sha256(Path(ph.uri).read_bytes()).hexdigest() == ph.sha256
         assert (row["person_id"], row["owner_id"], row["step_version"]) == (ph.person_id, owner.id, STEP.version)
-        assert row["model_id"] == clip.model_id and row["dimension"] == clip.dimension == len(row["embedding"])
+        # The model identity is CLIP and the detector's settings together: both shape the vector.
+        assert row["model_id"] == person_identity(clip, person_detector)
+        assert row["model_id"].startswith(clip.model_id + "+")
+        assert row["dimension"] == clip.dimension == len(row["embedding"])
         np.testing.assert_allclose(row["embedding"], expected_vector(clip, person_detector, ph.uri), atol=1e-5)
 
     meta = metadata(result, "person_photo_embeddings")
-    assert (meta["owners"], meta["photos"], meta["ready"], meta["failed"]) == (1, len(demo_photos), len(vectors), 0)
-    assert (meta["step_version"], meta["model_id"]) == (STEP.version, clip.model_id)
+    assert (meta["partitions"], meta["items"], meta["items_computed"]) == (1, len(demo_photos), len(demo_photos))
+    assert (meta["rows_written"], meta["failures"]) == (len(vectors), 0)
+    assert (meta["step_version"], meta["model_id"]) == (STEP.version, person_identity(clip, person_detector))
     # The other owner was not part of the run.
     assert {photos[ph.id]["status"] for p in other.persons for ph in p.photos} == {"PENDING"}
     assert {r["owner_id"] for r in vectors.values()} == {owner.id}
@@ -160,40 +190,57 @@ def test_bad_photos_fail_with_a_readable_reason_and_do_not_sink_the_others(
         assert (photo["status"], photo["failure_reason"]) == ("FAILED", reason)
         assert by_uri[uri] not in vectors
     assert all(photos[ph.id]["status"] == "READY" and ph.id in vectors for ph in astronaut.photos)
-    with db.engine.connect() as conn:
-        failures = {r.item_id: r for r in conn.execute(select(embedding_failures))}
-    assert {uuid.UUID(k) for k in failures} >= set(bad)
+    failures = failure_rows(db)
+    assert {uuid.UUID(k) for k in failures} == set(bad)
+    model_id = person_identity(clip, person_detector)
     for photo_id, uri in bad.items():
         f = failures[str(photo_id)]
-        assert (f.step, f.step_version, f.owner_id, f.video_id) == ("person_photo", STEP.version, owner.id, None)
+        assert (f.step, f.step_version, f.model_id) == ("person_photo", STEP.version, model_id)
+        assert (f.owner_id, f.partition_id, f.video_id) == (owner.id, owner.id, None)
         assert (f.reason, f.attempts) == (reasons[uri], 1)
-    assert failures[str(by_uri[corrupt])].input_sha256 == hashlib.sha256(corrupt.read_bytes()).hexdigest()
+        assert f.retry_at - f.failed_at == timedelta(hours=1)  # the first backoff
+        # No sha256 declared: the photo's identity is its URI (a new URI is a new input).
+        assert f.input_sha256 == hashlib.sha256(f"uri:{uri}".encode()).hexdigest()
     meta = metadata(result, "person_photo_embeddings")
     assert {k: meta["failure_reasons"][str(v)] for k, v in by_uri.items()} == reasons
+    assert meta["failures"] == 3
 
-    # The same broken inputs fail again: one more attempt each, nothing else changes.
-    materialize_owner([person_photo_embeddings], owner.id, resources, instance, person_detector)
-    with db.engine.connect() as conn:
-        attempts = dict(conn.execute(select(embedding_failures.c.item_id, embedding_failures.c.attempts)).all())
-    assert {attempts[str(p)] for p in bad} == {2}
+    # The same broken inputs are not tried again while their backoff lasts...
+    waited = materialize_owner([person_photo_embeddings], owner.id, resources, instance, person_detector)
+    meta = metadata(waited, "person_photo_embeddings")
+    assert (meta["items_waiting_for_retry"], meta["items_computed"], meta["failures"]) == (3, 0, 0)
+    assert failure_rows(db) == failures and photo_rows(db) == photos
+    # ...unless the run asks for it: they fail again, one more attempt each, the backoff doubled.
+    materialize_owner(
+        [person_photo_embeddings], owner.id, resources, instance, person_detector, tags={RETRY_FAILED_TAG: "true"}
+    )
+    again = failure_rows(db)
+    assert {again[str(p)].attempts for p in bad} == {2}
+    assert {again[str(p)].retry_at - again[str(p)].failed_at for p in bad} == {timedelta(hours=2)}
     assert photo_rows(db) == photos
 
-    # Repaired: the corrupt file becomes a portrait, READY, its failure forgotten. A READY photo whose
-    # file now shows nobody turns FAILED and loses its vector at this version.
+    # Repaired: the corrupt file becomes a portrait and its sha256 is declared (a new input, so it is
+    # done at once, backoff or not): READY, its failure forgotten. A READY photo replaced by one that
+    # shows nobody turns FAILED and loses its vector at this version.
     shutil.copyfile(astronaut.photos[0].uri, corrupt)
+    repaired = by_uri[corrupt]
     turned = astronaut.photos[1]
-    shutil.copyfile(nobody, turned.uri)
+    t = person_reference_photos
+    with db.transaction() as conn:
+        conn.execute(update(t).where(t.c.id == repaired).values(sha256=astronaut.photos[0].sha256))
+        conn.execute(update(t).where(t.c.id == turned.id).values(uri=str(nobody), sha256=sha256_of(nobody)))
     materialize_owner([person_photo_embeddings], owner.id, resources, instance, person_detector)
     photos, vectors = photo_rows(db), vector_rows(db)
-    repaired = by_uri[corrupt]
     assert (photos[repaired]["status"], photos[repaired]["failure_reason"]) == ("READY", None)
     assert vectors[repaired]["input_sha256"] == astronaut.photos[0].sha256
     np.testing.assert_allclose(vectors[repaired]["embedding"], vectors[astronaut.photos[0].id]["embedding"], atol=1e-6)
     assert (photos[turned.id]["status"], photos[turned.id]["failure_reason"]) == ("FAILED", "no person found in photo")
     assert turned.id not in vectors
-    with db.engine.connect() as conn:
-        failed_now = set(conn.execute(select(embedding_failures.c.item_id)).scalars())
+    failed_now = failure_rows(db)
     assert str(repaired) not in failed_now and str(turned.id) in failed_now
+    assert failed_now[str(turned.id)].input_sha256 == sha256_of(nobody)
+    # The two still broken wait for their backoff, as they were.
+    assert {failed_now[str(by_uri[u])] for u in (missing, nobody)} == {again[str(by_uri[u])] for u in (missing, nobody)}
 
 
 def test_second_run_changes_nothing(db, corpus, resources, instance, person_detector, tmp_path):
@@ -208,7 +255,8 @@ def test_second_run_changes_nothing(db, corpus, resources, instance, person_dete
     assert photo_rows(db) == photos  # updated_at included: an unchanged status is not rewritten
     assert vector_rows(db) == vectors  # created_at included
     meta = metadata(result, "person_photo_embeddings")
-    assert meta["vectors_embedded"] == 0 and meta["vectors_unchanged"] == len(vectors) > 0
+    assert meta["items_computed"] == 0 and meta["items_unchanged"] == len(vectors) > 0
+    assert (meta["items_waiting_for_retry"], meta["rows_written"], meta["items"]) == (1, 0, len(vectors) + 1)
 
 
 def test_a_deleted_photo_loses_its_vector_and_the_rest_stay(db, corpus, resources, instance, person_detector):
@@ -267,3 +315,39 @@ def test_unknown_and_malformed_owner_keys_fail_after_the_good_owner_is_written(
     )
     (failure,) = [e for e in malformed.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
     assert "malformed owner id 'Not-A-UUID'" in failure.step_failure_data.error.message
+
+
+def test_an_unreadable_declared_photo_is_failed_not_stale_and_waits_for_its_backoff(
+    db, corpus, resources, instance, person_detector, tmp_path
+):
+    owner = corpus.owners[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this upload was a text file")
+    photo_id = add_photo(db, owner.persons[0].id, owner.id, broken)
+    with db.transaction() as conn:  # the upload declared the sha256 of what it stored
+        conn.execute(
+            update(person_reference_photos)
+            .where(person_reference_photos.c.id == photo_id)
+            .values(sha256=sha256_of(broken))
+        )
+    assert owner_state(db, PERSON_PHOTO, resources, person_detector, owner.id, tmp_path).state == "missing"
+
+    materialize_owner([person_photo_embeddings], owner.id, resources, instance, person_detector)
+
+    reason = f"unreadable image: not a readable image: {broken} (UnidentifiedImageError)"
+    photo = photo_rows(db)[photo_id]
+    assert (photo["status"], photo["failure_reason"]) == ("FAILED", reason)
+    state = owner_state(db, PERSON_PHOTO, resources, person_detector, owner.id, tmp_path)
+    assert (state.state, state.failed_items, state.stale_items) == ("failed", 1, 0)
+    (failure,) = failure_rows(db).values()
+    assert (failure.item_id, failure.input_sha256, failure.attempts) == (str(photo_id), sha256_of(broken), 1)
+    assert state.retry_at == failure.retry_at
+
+    # A second run without tags does not try it again: it waits for its backoff, untouched.
+    result = materialize_owner([person_photo_embeddings], owner.id, resources, instance, person_detector)
+
+    meta = metadata(result, "person_photo_embeddings")
+    assert (meta["items_waiting_for_retry"], meta["items_computed"], meta["failures"]) == (1, 0, 0)
+    assert list(failure_rows(db).values()) == [failure]
+    assert photo_rows(db)[photo_id] == photo
+    assert owner_state(db, PERSON_PHOTO, resources, person_detector, owner.id, tmp_path).state == "failed"

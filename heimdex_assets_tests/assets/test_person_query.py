@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from heimdex_assets.assets.person_photo import person_photo_embeddings
 from heimdex_assets.assets.person_query import person_query_embeddings
@@ -14,16 +14,22 @@ from heimdex_assets.db.tables import (
     person_reference_photos,
     persons,
 )
+from heimdex_assets.models import person_identity
 from heimdex_assets.partitions import owners_partitions
+from heimdex_assets.search import SearchError, person_query_vector
 from heimdex_assets.spec import SPEC
+from heimdex_assets.steps import PERSON_PHOTO, PERSON_QUERY
 from heimdex_assets_tests.assets.test_person_photo import (
     add_person,
     add_photo,
+    failure_rows,
     load_demo,
     materialize_owner,
     metadata,
+    owner_state,
     photo_rows,
     render_no_person,
+    sha256_of,
     table_rows,
     vector_rows,
 )
@@ -101,9 +107,9 @@ def test_query_vector_is_the_normalised_mean_of_ready_photo_vectors(
         assert assert_query_matches_photos(db, person.id)["photo_count"] == len(person.photos)
     assert nobody not in rows and photoless not in rows
     meta = metadata(result, "person_query_embeddings")
-    without = meta["persons_without_ready_photo"]
-    assert without[str(nobody)] == "Nobody In Particular" and without[str(photoless)] == "No Photos Yet"
-    assert len(without) == 2 and meta["vectors_written"] == len(rows) == len(owner.persons)
+    # A person without a READY photo has nothing to average: no item, so no vector and no failure.
+    assert meta["items"] == meta["rows_written"] == len(rows) == len(owner.persons)
+    assert meta["failures"] == 0 and not {k for k in failure_rows(db) if k in (str(nobody), str(photoless))}
     assert (meta["step_version"], meta["photo_step_version"]) == (STEP.version, SPEC.step("person_photo").version)
 
 
@@ -131,12 +137,19 @@ def test_adding_or_removing_a_photo_changes_the_query_vector(
     assert shrunk["photo_count"] == grown["photo_count"] - 1
     assert shrunk["input_sha256"] not in (grown["input_sha256"], before["input_sha256"])
 
-    # Every remaining photo now shows nobody: no READY photo, so the vector goes.
-    for ph in [*astronaut.photos[1:], None]:
-        render_no_person(tmp_path / "mirrored.png" if ph is None else ph.uri, 5)
+    # Every remaining photo is replaced by one that shows nobody: no READY photo, so the vector goes.
+    nobody = tmp_path / "nobody.png"
+    render_no_person(nobody, 5)
+    with db.transaction() as conn:
+        conn.execute(
+            update(person_reference_photos)
+            .where(person_reference_photos.c.person_id == astronaut.id)
+            .values(uri=str(nobody), sha256=sha256_of(nobody))
+        )
     result = materialize_owner(BOTH, owner.id, resources, instance, person_detector)
+    assert {p["status"] for p in photo_rows(db, person_id=astronaut.id).values()} == {"FAILED"}
     assert astronaut.id not in query_rows(db)
-    assert str(astronaut.id) in metadata(result, "person_query_embeddings")["persons_without_ready_photo"]
+    assert metadata(result, "person_query_embeddings")["stray_rows_deleted"] == 1
 
 
 def test_a_deleted_person_loses_its_vector(db, corpus, resources, instance, person_detector):
@@ -211,3 +224,48 @@ def test_both_assets_carry_their_step_version_and_the_owner_partitions():
         assert asset.code_versions_by_key[asset.key] == SPEC.step(step).version
         assert asset.partitions_def == owners_partitions
     assert person_query_embeddings.dependency_keys == {person_photo_embeddings.key}
+
+
+def test_a_person_whose_photos_all_fail_loses_its_query_vector_and_cannot_be_searched(
+    db, corpus, resources, instance, clip, person_detector, tmp_path
+):
+    owner = corpus.owners[0]
+    astronaut = next(p for p in owner.persons if p.key == "astronaut")
+    other = next(p for p in owner.persons if p is not astronaut)
+    materialize_owner(BOTH, owner.id, resources, instance, person_detector)
+    # The query vector is made by the photo step's model: the same identity as the photo rows.
+    model_id = person_identity(clip, person_detector)
+    assert {r["model_id"] for r in vector_rows(db).values()} == {model_id}
+    assert {r["model_id"] for r in query_rows(db).values()} == {model_id}
+    with db.engine.connect() as conn:
+        vector, found_model = person_query_vector(conn, owner.id, astronaut.id)
+    assert found_model == model_id
+    np.testing.assert_allclose(vector, query_rows(db)[astronaut.id]["embedding"], atol=1e-6)
+    kept = query_rows(db)[other.id]
+
+    # Every photo of the astronaut is re-uploaded as a text file (its sha256 declared): all FAILED.
+    for i, ph in enumerate(astronaut.photos):
+        text_file = tmp_path / f"upload-{i}.png"
+        text_file.write_text(f"upload {i} went wrong")
+        with db.transaction() as conn:
+            conn.execute(
+                update(person_reference_photos)
+                .where(person_reference_photos.c.id == ph.id)
+                .values(uri=str(text_file), sha256=sha256_of(text_file))
+            )
+    # The photos are stale; the query vectors follow them in the plan (they read the photo rows).
+    assert owner_state(db, PERSON_PHOTO, resources, person_detector, owner.id, tmp_path).state == "stale"
+
+    result = materialize_owner(BOTH, owner.id, resources, instance, person_detector)
+
+    photos = photo_rows(db, person_id=astronaut.id)
+    assert {p["status"] for p in photos.values()} == {"FAILED"}
+    assert all(p["failure_reason"].startswith("unreadable image: not a readable image: ") for p in photos.values())
+    assert not set(photos) & set(vector_rows(db))
+    assert astronaut.id not in query_rows(db)
+    assert query_rows(db)[other.id] == kept  # the other person is untouched
+    meta = metadata(result, "person_query_embeddings")
+    assert (meta["stray_rows_deleted"], meta["items"], meta["failures"]) == (1, len(owner.persons) - 1, 0)
+    with db.engine.connect() as conn, pytest.raises(SearchError, match="has no query vector"):
+        person_query_vector(conn, owner.id, astronaut.id)
+    assert owner_state(db, PERSON_QUERY, resources, person_detector, owner.id, tmp_path).state == "fresh"

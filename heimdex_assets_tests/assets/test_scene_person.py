@@ -10,10 +10,11 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from heimdex_assets.assets.scene_person import scene_person_embeddings
-from heimdex_assets.assets.video_runs import FORCE_TAG, OWNER_SCOPE_TAG
 from heimdex_assets.db.tables import embedding_failures, scene_person_scans, scene_person_vectors, scenes
 from heimdex_assets.demo import build_corpus, load_corpus
+from heimdex_assets.models import person_identity, record_models
 from heimdex_assets.resources.person_detector import OpenCvPersonDetector
+from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG
 from heimdex_assets.spec import SPEC
 from heimdex_assets_tests.conftest import materialize_videos
 from heimdex_assets_tests.resources.test_person_detector import two_people
@@ -34,8 +35,8 @@ def corpus(db, tmp_path):
 
 
 @pytest.fixture
-def person_resources(resources):
-    return resources | {"person_detector": OpenCvPersonDetector()}
+def person_resources(resources, person_detector):
+    return resources | {"person_detector": person_detector}
 
 
 def table_rows(db, table, video_id=None):
@@ -51,7 +52,14 @@ def metadata(result):
     return {k: v.value for k, v in materialization.metadata.items()}
 
 
-def test_materialising_writes_a_vector_per_person_and_a_scan_per_scene(db, corpus, person_resources, instance, clip):
+def without_created_at(row):
+    return {k: v for k, v in row.items() if k != "created_at"}
+
+
+def test_materialising_writes_a_vector_per_person_and_a_scan_per_scene(
+    db, corpus, person_resources, instance, clip, person_detector
+):
+    model_id = f"{clip.model_id}+{person_detector.identity}"  # CLIP over the crops of this detector
     video = corpus.owners[0].videos[0]
     result = materialize_videos(ASSETS, [str(video.id)], person_resources, instance)
 
@@ -64,7 +72,7 @@ def test_materialising_writes_a_vector_per_person_and_a_scan_per_scene(db, corpu
         mine = [r for r in vectors if r["scene_id"] == scene.id]
         assert scan["detections"] == len(mine) == (1 if scene.shows_person else 0)
         assert scan["input_sha256"] == hashlib.sha256(Path(scene.thumbnail_uri).read_bytes()).hexdigest()
-        assert (scan["step_version"], scan["model_id"]) == (STEP.version, clip.model_id)
+        assert (scan["step_version"], scan["model_id"]) == (STEP.version, model_id)
         assert (scan["owner_id"], scan["video_id"]) == (video.owner_id, video.id)
     for r in vectors:
         scene = by_id[r["scene_id"]]
@@ -73,7 +81,7 @@ def test_materialising_writes_a_vector_per_person_and_a_scan_per_scene(db, corpu
         assert r["box_x"] >= 0 and r["box_y"] >= 0 and r["box_w"] > 0 and r["box_h"] > 0
         assert r["box_x"] + r["box_w"] <= width and r["box_y"] + r["box_h"] <= height
         assert 0.5 < r["score"] < 1 and r["detector"].startswith("opencv-haar/")
-        assert (r["step_version"], r["model_id"]) == (STEP.version, clip.model_id)
+        assert (r["step_version"], r["model_id"]) == (STEP.version, model_id)
         assert r["input_sha256"] == hashlib.sha256(Path(scene.thumbnail_uri).read_bytes()).hexdigest()
         assert (r["owner_id"], r["video_id"]) == (video.owner_id, video.id)
         vector = np.asarray(r["embedding"])
@@ -81,9 +89,31 @@ def test_materialising_writes_a_vector_per_person_and_a_scan_per_scene(db, corpu
         assert abs(np.linalg.norm(vector) - 1.0) < 1e-5
 
     meta = metadata(result)
-    assert (meta["videos"], meta["scenes"], meta["scenes_with_people"], meta["detections"]) == (1, 10, 5, 5)
-    assert (meta["failures"], meta["step_version"], meta["model_id"]) == (0, STEP.version, clip.model_id)
+    assert (meta["partitions"], meta["items"], meta["scenes_with_people"], meta["detections"]) == (1, 10, 5, 5)
+    assert meta["rows_written"] == 10 + 5  # a scan per scene, a vector per person
+    assert (meta["failures"], meta["step_version"], meta["model_id"]) == (0, STEP.version, model_id)
     assert meta["detector"].startswith("opencv-")
+
+
+def test_the_model_id_includes_the_detector_and_its_settings(db, corpus, person_resources, instance, clip):
+    default, stricter = OpenCvPersonDetector(), OpenCvPersonDetector(min_face_neighbours=6)
+    assert default.identity == OpenCvPersonDetector().identity  # the same settings, the same identity
+    assert default.identity.startswith(f"{default.name}#")
+    assert stricter.identity != default.identity
+    assert person_identity(clip, stricter) != person_identity(clip, default)
+
+    video = str(corpus.owners[0].videos[0].id)
+    materialize_videos(ASSETS, [video], person_resources, instance)
+    first = table_rows(db, scene_person_scans)
+    assert {r["model_id"] for r in first} == {person_identity(clip, default)}
+    # The deployment moves to the stricter detector: its rows come beside the first ones.
+    with db.transaction() as conn:
+        record_models(conn, {"scene_person": person_identity(clip, stricter)}, "test")
+    result = materialize_videos(ASSETS, [video], person_resources | {"person_detector": stricter}, instance)
+    assert metadata(result)["model_id"] == person_identity(clip, stricter)
+    scans = table_rows(db, scene_person_scans)
+    assert {r["model_id"] for r in scans} == {person_identity(clip, default), person_identity(clip, stricter)}
+    assert [r for r in scans if r["model_id"] == person_identity(clip, default)] == first
 
 
 def test_the_vector_is_the_clip_vector_of_the_crop(db, corpus, person_resources, instance, clip):
@@ -103,11 +133,15 @@ def test_re_runs_leave_identical_rows_forced_or_not(db, corpus, person_resources
 
     again = materialize_videos(ASSETS, [video], person_resources, instance)
     assert (table_rows(db, scene_person_vectors), table_rows(db, scene_person_scans)) == first
-    assert metadata(again)["scenes_reused"] == 10 and metadata(again)["crops_embedded"] == 0
+    assert metadata(again)["items_unchanged"] == 10 and metadata(again)["detections"] == 0
 
+    # Forced, every thumbnail is scanned again and its rows rewritten whole: the same rows, newly written.
     forced = materialize_videos(ASSETS, [video], person_resources, instance, tags={FORCE_TAG: "true"})
-    assert (table_rows(db, scene_person_vectors), table_rows(db, scene_person_scans)) == first  # created_at too
-    assert metadata(forced)["scenes_reused"] == 0 and metadata(forced)["crops_embedded"] == 5
+    rewritten = (table_rows(db, scene_person_vectors), table_rows(db, scene_person_scans))
+    assert [[without_created_at(r) for r in t] for t in rewritten] == [
+        [without_created_at(r) for r in t] for t in first
+    ]
+    assert metadata(forced)["items_unchanged"] == 0 and metadata(forced)["detections"] == 5
 
 
 def test_a_scene_with_two_people_gets_a_row_per_person_best_first(db, corpus, person_resources, instance, tmp_path):
@@ -115,8 +149,11 @@ def test_a_scene_with_two_people_gets_a_row_per_person_best_first(db, corpus, pe
     scene = next(s for s in video.scenes if not s.shows_person)
     thumb = tmp_path / "two.png"
     two_people(video.scenes).save(thumb)
+    sha = hashlib.sha256(thumb.read_bytes()).hexdigest()
     with db.transaction() as conn:
-        conn.execute(update(scenes).where(scenes.c.id == scene.id).values(thumbnail_uri=str(thumb)))
+        conn.execute(
+            update(scenes).where(scenes.c.id == scene.id).values(thumbnail_uri=str(thumb), thumbnail_sha256=sha)
+        )
 
     materialize_videos(ASSETS, [str(video.id)], person_resources, instance)
 
@@ -170,10 +207,14 @@ def test_a_bad_thumbnail_fails_only_its_scene(db, corpus, person_resources, inst
     materialize_videos(ASSETS, [str(video.id)], person_resources, instance)
     victim = next(s for s in video.scenes if s.shows_person)
     broken = tmp_path / "broken.png"
+    declared = None  # a missing file declares nothing; a corrupt one declares its own (true) sha256
     if bad == "corrupt":
         broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+        declared = hashlib.sha256(broken.read_bytes()).hexdigest()
     with db.transaction() as conn:
-        conn.execute(update(scenes).where(scenes.c.id == victim.id).values(thumbnail_uri=str(broken)))
+        conn.execute(
+            update(scenes).where(scenes.c.id == victim.id).values(thumbnail_uri=str(broken), thumbnail_sha256=declared)
+        )
 
     result = materialize_videos(ASSETS, [str(video.id)], person_resources, instance)
 
@@ -187,11 +228,18 @@ def test_a_bad_thumbnail_fails_only_its_scene(db, corpus, person_resources, inst
     assert (failure.item_id, failure.step, failure.step_version) == (str(victim.id), "scene_person", STEP.version)
     assert ("not a readable image" if bad == "corrupt" else "file not found") in failure.reason
     meta = metadata(result)
-    assert (meta["failures"], meta["scenes_with_people"], meta["detections"]) == (1, 4, 4)
+    # Only the changed scene was computed: it failed, and the other nine were left as they were.
+    assert (meta["failures"], meta["items_computed"], meta["items_unchanged"]) == (1, 1, 9)
+    assert (meta["scenes_with_people"], meta["detections"]) == (0, 0)
+    assert meta["failure_reasons"] == {str(victim.id): failure.reason}
 
     # Once the thumbnail is readable again, the scene is scanned and its failure forgotten.
     with db.transaction() as conn:
-        conn.execute(update(scenes).where(scenes.c.id == victim.id).values(thumbnail_uri=victim.thumbnail_uri))
+        conn.execute(
+            update(scenes)
+            .where(scenes.c.id == victim.id)
+            .values(thumbnail_uri=victim.thumbnail_uri, thumbnail_sha256=victim.thumbnail_sha256)
+        )
     materialize_videos(ASSETS, [str(video.id)], person_resources, instance)
     assert victim.id in {r["scene_id"] for r in table_rows(db, scene_person_vectors)}
     with db.engine.connect() as conn:

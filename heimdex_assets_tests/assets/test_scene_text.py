@@ -1,3 +1,4 @@
+import hashlib
 import uuid
 
 import numpy as np
@@ -6,9 +7,9 @@ from dagster import DagsterExecutionStepExecutionError, Failure
 from sqlalchemy import select, text, update
 
 from heimdex_assets.assets import scene_clip_embeddings, scene_text_embeddings
-from heimdex_assets.assets.video_runs import OWNER_SCOPE_TAG
 from heimdex_assets.db.tables import scene_clip_vectors, scene_text_vectors, scenes, text_embedding_cache
 from heimdex_assets.resources.text_embedder import LOCAL_MODEL_ID
+from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG
 from heimdex_assets.spec import SPEC
 from heimdex_assets_tests.conftest import materialize_videos
 
@@ -23,15 +24,26 @@ def text_rows(db, **where):
         return [r._asdict() for r in conn.execute(q)]
 
 
+def sha256(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def metadata(result):
+    return {k: v.value for k, v in result.asset_materializations_for_node("scene_text_embeddings")[0].metadata.items()}
+
+
 def test_one_vector_per_scene_and_enabled_channel(db, rows, resources, instance):
     video = rows.video(rows.owner(), n_scenes=3)
     materialize_videos([scene_text_embeddings], [str(video)], resources, instance)
     written = text_rows(db)
     assert len(written) == 3 * 2
     assert {r["channel"] for r in written} == {"transcript", "visual"}  # summary is disabled in the spec
+    # The identity of a channel's input is the sha256 of exactly the text the model sees.
     with db.engine.connect() as conn:
-        hashes = {(r.id, "transcript"): r.transcript_sha256 for r in conn.execute(select(scenes))}
-        hashes |= {(r.id, "visual"): r.visual_sha256 for r in conn.execute(select(scenes))}
+        hashes = {}
+        for r in conn.execute(select(scenes)):
+            hashes[(r.id, "transcript")] = sha256(r.transcript.strip())
+            hashes[(r.id, "visual")] = sha256(f"{r.visual_description.strip()}\nTags: {', '.join(r.tags)}")
     for r in written:
         assert r["step_version"] == VERSION and r["model_id"] == LOCAL_MODEL_ID and r["dimension"] == 384
         assert abs(np.linalg.norm(r["embedding"]) - 1) < 1e-5
@@ -77,14 +89,18 @@ def test_same_text_is_embedded_once_and_reused_from_the_cache(db, rows, resource
     for i in range(3):
         rows.scene(video, owner, i, transcript="Exactly the same words.", visual_description=f"view {i}", tags=[])
     result = materialize_videos([scene_text_embeddings], [str(video)], resources, instance)
-    meta = result.asset_materializations_for_node("scene_text_embeddings")[0].metadata
-    assert meta["texts_embedded"].value == 4  # one transcript + three visual texts
-    assert meta["vectors_written"].value == 6
+    meta = metadata(result)
+    assert meta["texts_embedded"] == 4  # one transcript + three visual texts
+    assert meta["rows_written"] == 6 and meta["items_computed"] == 6
     with db.engine.connect() as conn:
         assert conn.execute(select(text_embedding_cache)).rowcount == 4
-    again = materialize_videos([scene_text_embeddings], [str(video)], resources, instance)
-    meta = again.asset_materializations_for_node("scene_text_embeddings")[0].metadata
-    assert meta["texts_embedded"].value == 0 and meta["vectors_reused_from_cache"].value == 4
+    # A plain rerun computes nothing: every item already has a row of its current identity.
+    again = metadata(materialize_videos([scene_text_embeddings], [str(video)], resources, instance))
+    assert (again["items_computed"], again["items_unchanged"], again["texts_embedded"]) == (0, 6, 0)
+    # A forced rerun recomputes every item, and every text comes from the cache.
+    forced = materialize_videos([scene_text_embeddings], [str(video)], resources, instance, tags={FORCE_TAG: "true"})
+    meta = metadata(forced)
+    assert meta["items_computed"] == 6 and meta["texts_embedded"] == 0 and meta["reused_from_cache"] == 4
 
 
 def test_an_edited_transcript_gets_a_new_vector(db, rows, resources, instance):
@@ -116,14 +132,53 @@ def test_a_removed_scene_and_a_blank_transcript_lose_their_vectors(db, rows, res
     assert left == {(ids[1], "visual"), (ids[2], "transcript"), (ids[2], "visual")}
 
 
+def test_the_visual_text_is_the_trimmed_description_and_tags_and_its_sha_is_the_identity(
+    db, rows, resources, instance, text_embedder
+):
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=0)
+    scene = rows.scene(
+        video, owner, 0, visual_description="\n  A red kite over the dunes.  \t", tags=["  a ", "", "   ", "b"]
+    )
+    result = materialize_videos([scene_text_embeddings], [str(video)], resources, instance)
+    visual = text_rows(db, channel="visual")
+    assert len(visual) == 1 and visual[0]["scene_id"] == scene
+    exact = "A red kite over the dunes.\nTags: a, b"
+    assert visual[0]["input_sha256"] == sha256(exact)
+    np.testing.assert_allclose(visual[0]["embedding"], text_embedder.embed_texts([exact]).vectors[0], atol=1e-5)
+    with db.engine.connect() as conn:  # the cache holds the vector of exactly that text
+        cached = conn.execute(select(text_embedding_cache.c.text_sha256)).scalars().all()
+    assert sha256(exact) in cached
+    assert metadata(result)["items"] == 2  # transcript + visual
+
+
+def test_a_transcript_cleared_to_whitespace_has_no_item_and_its_old_row_goes(db, rows, resources, instance):
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=2)
+    materialize_videos([scene_text_embeddings], [str(video)], resources, instance)
+    before = {(r["scene_id"], r["channel"]): r for r in text_rows(db)}
+    target = sorted(before)[0][0]
+    with db.transaction() as conn:
+        conn.execute(update(scenes).where(scenes.c.id == target).values(transcript=" \n\t  "))
+
+    meta = metadata(materialize_videos([scene_text_embeddings], [str(video)], resources, instance))
+
+    after = {(r["scene_id"], r["channel"]): r for r in text_rows(db)}
+    assert set(after) == set(before) - {(target, "transcript")}
+    assert all(after[k] == before[k] for k in after)  # the other rows are untouched, created_at included
+    assert (meta["items"], meta["items_computed"], meta["items_unchanged"]) == (3, 0, 3)
+    assert (meta["stray_rows_deleted"], meta["rows_written"], meta["failures"]) == (1, 0, 0)
+
+
 def test_a_processing_video_is_skipped_with_a_message(db, rows, resources, instance):
     owner = rows.owner()
     ready = rows.video(owner, n_scenes=2)
     busy = rows.video(owner, n_scenes=2, status="PROCESSING")
     result = materialize_videos([scene_text_embeddings], [str(ready), str(busy)], resources, instance)
     assert {r["video_id"] for r in text_rows(db)} == {ready}
-    meta = result.asset_materializations_for_node("scene_text_embeddings")[0].metadata
-    assert meta["videos_skipped"].value == {str(busy): f"video {busy} is PROCESSING, not READY: skipped"}
+    meta = metadata(result)
+    assert meta["partitions_skipped"] == {str(busy): f"video {busy} is PROCESSING, not READY: skipped"}
+    assert meta["partitions"] == 1
 
 
 def test_owner_isolation_other_owners_rows_stay_byte_identical(db, rows, resources, instance):

@@ -14,6 +14,7 @@ from heimdex_assets.resources.text_embedder import (
     EmbeddingProviderError,
     plan_requests,
 )
+from heimdex_assets.runs import FORCE_TAG
 from heimdex_assets_tests.conftest import materialize_videos
 from heimdex_assets_tests.fake_openai import FakeOpenAI, fake_vector
 
@@ -131,10 +132,15 @@ def test_the_asset_caches_texts_so_a_second_run_sends_no_request(db, rows, resou
         written = conn.execute(select(scene_text_vectors)).all()
     assert {(r.model_id, r.dimension) for r in written} == {("text-embedding-3-small", 1536)}
 
+    # A plain rerun has nothing to compute; a forced one recomputes every item, all from the cache.
     result = materialize_videos([scene_text_embeddings], [str(video)], resources, instance)
+    meta = result.asset_materializations_for_node("scene_text_embeddings")[0].metadata
+    assert meta["items_unchanged"].value == 6 and meta["api_requests"].value == 0
+    result = materialize_videos([scene_text_embeddings], [str(video)], resources, instance, tags={FORCE_TAG: "true"})
     assert len(fake_openai.requests) == 1  # nothing was paid for twice
     meta = result.asset_materializations_for_node("scene_text_embeddings")[0].metadata
-    assert meta["vectors_reused_from_cache"].value == 6 and meta["api_requests"].value == 0
+    assert meta["items_computed"].value == 6
+    assert meta["reused_from_cache"].value == 6 and meta["api_requests"].value == 0
 
 
 def test_auto_provider_is_local_without_a_key_and_openai_with_one():

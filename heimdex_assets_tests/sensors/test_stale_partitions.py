@@ -1,17 +1,19 @@
 import json
+from pathlib import Path
 
 import dagster as dg
 import pytest
 from sqlalchemy import select, update
 
 from heimdex_assets.assets import DERIVED_ASSETS, SOURCE_ASSETS, VIDEO_ASSETS, scene_clip_embeddings
-from heimdex_assets.db.failures import FailedItem, record_failures
-from heimdex_assets.db.tables import scenes
+from heimdex_assets.db.tables import embedding_failures, scenes
+from heimdex_assets.freshness import partition_states
 from heimdex_assets.launch import RANGE_END_TAG, RANGE_START_TAG
-from heimdex_assets.reprocess import ReprocessRequest, configured_models, plan_reprocess
+from heimdex_assets.models import expected_models
+from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess
 from heimdex_assets.resources import OpenCvPersonDetector, SearchIndex
 from heimdex_assets.sensors.stale_partitions import plan_launches, stale_partitions_sensor
-from heimdex_assets.spec import SPEC
+from heimdex_assets.steps import SCENE_CLIP
 from heimdex_assets_tests.conftest import materialize_videos
 
 ALL_VIDEO_ASSETS = {"scene_text_embeddings", "scene_clip_embeddings", "scene_person_embeddings", "scene_search_index"}
@@ -33,7 +35,7 @@ def tick(instance, run_resources, cursor=None):
     defs = dg.Definitions(
         assets=[*SOURCE_ASSETS, *DERIVED_ASSETS], sensors=[stale_partitions_sensor], resources=run_resources
     )
-    sensor_resources = {k: run_resources[k] for k in ("db", "clip", "text_embedder")}
+    sensor_resources = {k: run_resources[k] for k in ("db", "clip", "text_embedder", "person_detector", "search_index")}
     # With the instance's ref, as the daemon gives it: partition keys are checked against the instance.
     with dg.build_sensor_context(
         instance=instance,
@@ -95,6 +97,9 @@ def test_an_edited_transcript_requests_its_video_for_text_and_search_in_one_run(
     assert selected(request) == {"scene_text_embeddings", "scene_search_index"}
     assert request.partition_key == str(videos[1])
 
+    execute(request, run_resources, instance)
+    assert tick(instance, run_resources).skip_message == "every partition is fresh"
+
 
 def test_a_new_ready_video_is_requested_for_every_asset_and_its_run_makes_it_fresh(
     rows, processed, run_resources, instance
@@ -124,16 +129,19 @@ def test_a_range_request_executes_through_its_tags(rows, run_resources, instance
     assert tick(instance, run_resources).skip_message == "every partition is fresh"
 
 
-def test_failed_partitions_wait_for_the_backoff(db, rows, processed, run_resources, instance, clip):
+def test_failed_partitions_wait_for_the_backoff(db, rows, processed, run_resources, instance):
     owner, _ = processed
     new = rows.video(owner, 1)
-    instance.add_dynamic_partitions("videos", [str(new)])
-    with db.transaction() as conn:
-        scene_id, sha = conn.execute(
-            select(scenes.c.id, scenes.c.thumbnail_sha256).where(scenes.c.video_id == new)
-        ).one()
-        version = SPEC.step("scene_clip").version
-        record_failures(conn, "scene_clip", version, clip.model_id, [FailedItem(str(scene_id), owner, new, sha, "bad")])
+    with db.engine.connect() as conn:
+        scene_id, uri = conn.execute(select(scenes.c.id, scenes.c.thumbnail_uri).where(scenes.c.video_id == new)).one()
+    Path(uri).write_text("the thumbnail was overwritten")  # its declared sha256 no longer matches
+    materialize_videos([scene_clip_embeddings], [str(new)], run_resources, instance)
+    with db.engine.connect() as conn:
+        (failure,) = conn.execute(select(embedding_failures)).all()
+        state = partition_states(conn, SCENE_CLIP, expected_models(conn, run_resources))[str(new)]
+    assert (failure.step, failure.item_id, failure.partition_id) == ("scene_clip", str(scene_id), new)
+    assert (state.state, state.failed_items) == ("failed", 1)
+
     (request,) = tick(instance, run_resources).run_requests
     assert selected(request) == ALL_VIDEO_ASSETS - {scene_clip_embeddings.key.to_user_string()}
     assert request.partition_key == str(new)
@@ -171,13 +179,11 @@ def test_many_missing_videos_come_in_contiguous_ranges_of_50_once_an_hour(rows, 
     assert [range_keys(r, order) for r in later.run_requests] == [order[:50], order[50:100], order[100:]]
 
 
-def test_requests_beyond_the_cap_are_left_for_later_ticks(db, rows, instance, clip, text_embedder):
+def test_requests_beyond_the_cap_are_left_for_later_ticks(db, rows, run_resources):
     owner = rows.owner()
     order = [str(rows.video(owner, 1)) for _ in range(120)]
     with db.engine.connect() as conn:
-        plan = plan_reprocess(
-            conn, ReprocessRequest(scope="all"), configured_models({"clip": clip, "text_embedder": text_embedder})
-        )
+        plan = plan_reprocess(conn, ReprocessRequest(scope="all"), expected_models(conn, run_resources))
     ranges, left = plan_launches(plan, {"video": order, "owner": []}, set(), max_requests=2)
     assert [keys for *_, keys in ranges] == [order[:50], order[50:100]]
     assert left == 20
