@@ -212,7 +212,7 @@ def search_scenes(
                 conn,
                 scene_text_vectors,
                 owner_id,
-                text_embedder.embed_texts([query]).vectors[0],
+                text_embedder.embed_query(query),
                 version=SPEC.step("scene_text").version,
                 model_id=model_of("scene_text", text_embedder.model_id),
                 limit=depth,

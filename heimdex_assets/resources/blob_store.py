@@ -8,7 +8,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import dagster as dg
-import httpx
 from PIL import Image, UnidentifiedImageError
 
 
@@ -38,6 +37,8 @@ class BlobStore(dg.ConfigurableResource):
             raise BlobError("no URI")
         parsed = urlparse(uri)
         if parsed.scheme in ("http", "https"):
+            import httpx  # only here: it pulls in a CLI toolkit that local paths never need
+
             try:
                 response = httpx.get(uri, timeout=self.timeout_s, follow_redirects=True)
             except httpx.HTTPError as exc:

@@ -1,4 +1,6 @@
 import logging
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -147,3 +149,30 @@ def test_auto_provider_is_local_without_a_key_and_openai_with_one():
     assert TextEmbedder().resolved_provider == "local"
     assert TextEmbedder().model_id == "sentence-transformers/all-MiniLM-L6-v2"
     assert TextEmbedder(openai_api_key="sk-x").resolved_provider == "openai"
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["narwhal tusks in the arctic", "A", "Ünïcödé text — with dashes and 'quotes'", "word " * 400],
+)
+def test_a_local_query_vector_is_the_models_own(text_embedder, query):
+    """The NumPy forward pass a search uses gives sentence-transformers' vector (long inputs truncated alike)."""
+    assert text_embedder.resolved_provider == "local"
+    expected = text_embedder.embed_texts([query]).vectors[0]
+    got = text_embedder.embed_query(query)
+    assert got.shape == (384,) and got.dtype == np.float32
+    assert np.abs(got - expected).max() < 1e-5
+    assert float(np.linalg.norm(got)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_local_query_imports_no_torch():
+    script = (
+        "import sys\n"
+        "from heimdex_assets.resources import TextEmbedder\n"
+        "v = TextEmbedder(provider='local').embed_query('a query')\n"
+        "assert v.shape == (384,)\n"
+        "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
