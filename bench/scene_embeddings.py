@@ -2,12 +2,19 @@
 
 One run, one process, the same models and inputs for both measurements:
 
-1. setup: a private embedded PostgreSQL, its tables truncated, the demo corpus loaded;
+1. setup: a private embedded PostgreSQL, its tables truncated, the demo corpus loaded, and the items
+   both assets will embed read from their step definitions (``SCENE_TEXT.items``: the exact channel
+   texts; ``SCENE_CLIP.items``: the thumbnails), so both phases embed exactly the same items;
 2. warm-up: both models loaded and run once (load time is excluded from both phases);
-3. model-bound (a): thumbnails read, decoded, preprocessed and CLIP-embedded in the resource's batches;
-   the unique channel texts the asset would embed, through ``TextEmbedder.embed_texts`` (no cache);
-4. pipeline (b): ``scene_text_embeddings`` and ``scene_clip_embeddings`` materialised for every
-   partition, in contiguous key ranges of the assets' backfill maximum, on a temporary instance.
+3. model-bound (a): the thumbnails read, decoded, preprocessed and CLIP-embedded in the resource's
+   batches (a bare loop: no check of the bytes against the declared sha256, which the asset does);
+   the distinct texts through ``TextEmbedder.embed_texts`` (no cache);
+4. pipeline (b): the derived tables, the text cache and the partition ledger emptied, then
+   ``scene_text_embeddings`` and ``scene_clip_embeddings`` materialised for every partition, forced
+   (run tag ``heimdex/force``), in contiguous key ranges of the assets' backfill maximum, on a
+   temporary instance. Each round checks that the pipeline computed every item, failed none, wrote
+   one row per item and embedded the same distinct texts as (a) (a text an earlier run of the round
+   embedded comes from the cache, as in production): a round that skipped work stops the bench.
 
 Prints a table and JSON: both rates, their ratio (pipeline / model-bound), wall times per phase,
 peak RSS, the models and the machine. Usage::
@@ -29,6 +36,7 @@ import platform
 import resource
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,15 +46,22 @@ import dagster as dg
 from sqlalchemy import func, select, text
 
 from heimdex_assets.assets.scene_clip import scene_clip_embeddings
-from heimdex_assets.assets.scene_text import STEP as TEXT_STEP
-from heimdex_assets.assets.scene_text import channel_input, scene_text_embeddings
-from heimdex_assets.assets.video_runs import Scene, load_video_run
+from heimdex_assets.assets.scene_text import scene_text_embeddings
 from heimdex_assets.db.embedded import EmbeddedPostgres
-from heimdex_assets.db.tables import embedding_failures, scene_clip_vectors, scene_text_vectors, text_embedding_cache
+from heimdex_assets.db.tables import (
+    embedding_failures,
+    partition_ledger,
+    scene_clip_vectors,
+    scene_text_vectors,
+    text_embedding_cache,
+)
+from heimdex_assets.db.tables import scenes as scenes_table
 from heimdex_assets.demo import Corpus, build_corpus, load_corpus
 from heimdex_assets.launch import contiguous_ranges, materialize_ranges
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder, TextEmbedder
+from heimdex_assets.runs import FORCE_TAG
+from heimdex_assets.steps import SCENE_CLIP, SCENE_TEXT, Item
 
 TARGET_RATIO = 0.85
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -150,14 +165,14 @@ def fresh_database(url: str) -> AppDatabase:
     return db
 
 
-def clip_inputs(blobs: BlobStore, clip: ClipEmbedder, scenes: list[Scene]) -> list[Any]:
-    """Read, decode and preprocess thumbnails, one after the other, as a bare loop does."""
-    return [clip.preprocess(blobs.read_image(s.thumbnail_uri)[0]) for s in scenes]
+def clip_inputs(blobs: BlobStore, clip: ClipEmbedder, items: list[Item]) -> list[Any]:
+    """Read, decode and preprocess the thumbnails of ``SCENE_CLIP`` items, one after the other, as a bare loop does."""
+    return [clip.preprocess(blobs.read_image(i.payload["uri"])[0]) for i in items]
 
 
-def channel_texts(scenes: list[Scene]) -> list[str]:
-    """Every channel text ``scene_text_embeddings`` builds for ``scenes``, in its order."""
-    return [found[0] for s in scenes for ch in TEXT_STEP.enabled_channels if (found := channel_input(s, ch))]
+def item_texts(items: list[Item]) -> list[str]:
+    """The exact texts of ``SCENE_TEXT`` items (templated by the step's SQL), in its order."""
+    return [i.payload["text"] for i in items]
 
 
 @dataclasses.dataclass
@@ -169,43 +184,63 @@ class Bench:
     embedder: TextEmbedder
     blobs: BlobStore
     keys: list[str]
-    scenes: list[Scene]
+    scenes: int
+    clip_items: list[Item]
+    text_items: list[Item]
     meter: CpuMeter
+
+
+def read_items(db: AppDatabase, models: dict[str, str], keys: list[str]) -> tuple[int, list[Item], list[Item]]:
+    """The videos' scene count and the items ``scene_clip`` and ``scene_text`` will embed, from the step definitions."""
+    ids = [uuid.UUID(k) for k in keys]
+    with db.engine.connect() as conn:
+        n = conn.execute(
+            select(func.count()).select_from(scenes_table).where(scenes_table.c.video_id.in_(ids))
+        ).scalar_one()
+        return n, SCENE_CLIP.items(conn, models, ids), SCENE_TEXT.items(conn, models, ids)
 
 
 def model_bound(bench: Bench, phases: dict[str, Phase]) -> dict[str, Any]:
     """Phase (a): the models alone on the pipeline's inputs; returns per-part seconds and counts."""
-    clip, scenes = bench.clip, bench.scenes
+    clip, items = bench.clip, bench.clip_items
     load_s = embed_s = 0.0
+    vectors = 0
     with timed(phases, "a_clip", bench.meter):
-        for start in range(0, len(scenes), clip.batch_size):
+        for start in range(0, len(items), clip.batch_size):
             t0 = time.perf_counter()
-            tensors = clip_inputs(bench.blobs, clip, scenes[start : start + clip.batch_size])
+            tensors = clip_inputs(bench.blobs, clip, items[start : start + clip.batch_size])
             t1 = time.perf_counter()
-            clip.embed_tensors(tensors)
+            vectors += len(clip.embed_tensors(tensors))
             load_s, embed_s = load_s + t1 - t0, embed_s + time.perf_counter() - t1
-    texts = channel_texts(scenes)
+    texts = item_texts(bench.text_items)
     # The asset embeds each distinct text once (per run, and the cache spans runs): so does this.
     unique = list(dict.fromkeys(texts))
     with timed(phases, "a_text", bench.meter):
-        bench.embedder.embed_texts(unique)
+        embedded = bench.embedder.embed_texts(unique)
+    if (vectors, len(embedded.vectors)) != (len(items), len(unique)):
+        raise SystemExit(
+            f"model-bound: {vectors} CLIP and {len(embedded.vectors)} text vectors for "
+            f"{len(items)} thumbnails and {len(unique)} texts"
+        )
     return {
         "clip_read_decode_preprocess_s": round(load_s, 3),
         "clip_model_s": round(embed_s, 3),
+        "clip_items": len(items),
         "text_inputs": len(texts),
         "texts_embedded": len(unique),
     }
 
 
 def clear_derived(db: AppDatabase) -> None:
-    """Empty what the assets write and the text cache, so a pipeline round pays the full model cost."""
-    derived = (scene_text_vectors, scene_clip_vectors, text_embedding_cache, embedding_failures)
+    """Empty what the assets write, their ledger and the text cache, so a pipeline round pays the full model cost
+    and writes every row anew, as a first materialisation does."""
+    derived = (scene_text_vectors, scene_clip_vectors, text_embedding_cache, embedding_failures, partition_ledger)
     with db.transaction() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(t.name for t in derived)}"))
 
 
 def pipeline(bench: Bench, phases: dict[str, Phase]) -> dict[str, Any]:
-    """Phase (b): both assets materialised for every key through Dagster, in contiguous ranges."""
+    """Phase (b): both assets materialised for every key through Dagster, in contiguous ranges, forced."""
     assets = [scene_text_embeddings, scene_clip_embeddings]
     per_run = min(a.backfill_policy.max_partitions_per_run for a in assets)
     resources = {"db": bench.db, "clip": bench.clip, "text_embedder": bench.embedder, "blobs": BlobStore()}
@@ -224,15 +259,23 @@ def pipeline(bench: Bench, phases: dict[str, Phase]) -> dict[str, Any]:
         ranges = contiguous_ranges(ordered, set(bench.keys), per_run)
         with timed(phases, "b_pipeline", bench.meter):
             last = time.perf_counter()
-            outcomes = materialize_ranges(assets, ranges, resources, instance, on_range_done=lap)
+            outcomes = materialize_ranges(
+                assets, ranges, resources, instance, tags={FORCE_TAG: "true"}, on_range_done=lap
+            )
     failed = [o for o in outcomes if not o.success]
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed; first: {failed[0].error}")
 
-    def total(asset: str, field: str) -> float:
-        return sum(float(o.metadata[asset][field]) for o in outcomes)
+    def total(asset: str, field: str) -> int | float:
+        return sum(o.metadata[asset][field] for o in outcomes)
 
-    text_s, clip_s = total("scene_text_embeddings", "seconds"), total("scene_clip_embeddings", "seconds")
+    # Each run embeds its distinct texts not yet cached: a text of an earlier run comes from the cache.
+    texts_of: dict[str, set[str]] = {}
+    for i in bench.text_items:
+        texts_of.setdefault(str(i.partition_id), set()).add(i.payload["text"])
+    run_distinct = sum(len(set().union(*(texts_of.get(k, set()) for k in keys))) for keys in ranges)
+    text_key, clip_key = scene_text_embeddings.key.to_user_string(), scene_clip_embeddings.key.to_user_string()
+    text_s, clip_s = total(text_key, "seconds"), total(clip_key, "seconds")
     return {
         "runs": len(outcomes),
         "partitions_per_run": per_run,
@@ -240,24 +283,50 @@ def pipeline(bench: Bench, phases: dict[str, Phase]) -> dict[str, Any]:
         "text_asset_s": round(text_s, 3),
         "clip_asset_s": round(clip_s, 3),
         "dagster_overhead_s": round(phases["b_pipeline"].wall_s - text_s - clip_s, 3),
-        "texts_embedded": int(total("scene_text_embeddings", "texts_embedded")),
-        "text_vectors_written": int(total("scene_text_embeddings", "vectors_written")),
-        "clip_vectors_embedded": int(total("scene_clip_embeddings", "vectors_embedded")),
-        "clip_failures": int(total("scene_clip_embeddings", "failures")),
+        "text_items": total(text_key, "items"),
+        "text_items_computed": total(text_key, "items_computed"),
+        "texts_embedded": total(text_key, "texts_embedded"),
+        "texts_reused_from_cache": total(text_key, "reused_from_cache"),
+        "texts_distinct_per_run": run_distinct,
+        "text_vectors_written": total(text_key, "rows_written"),
+        "text_failures": total(text_key, "failures"),
+        "clip_items": total(clip_key, "items"),
+        "clip_items_computed": total(clip_key, "items_computed"),
+        "clip_vectors_embedded": total(clip_key, "rows_written"),
+        "clip_failures": total(clip_key, "failures"),
     }
 
 
-def check_written(bench: Bench, a: dict[str, Any], b: dict[str, Any]) -> None:
-    """Both phases did the same work: every vector written, the same distinct texts embedded."""
+def check_same_work(bench: Bench, a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Both phases did the same, whole work: the pipeline computed every item the step definitions list
+    (nothing skipped as unchanged, nothing failed), embedded the same distinct texts as (a) (the cache
+    was empty: only texts an earlier run of the round embedded came from it) and holds one row per item."""
     with bench.db.engine.connect() as conn:
         clip_rows = conn.execute(select(func.count()).select_from(scene_clip_vectors)).scalar_one()
         text_rows = conn.execute(select(func.count()).select_from(scene_text_vectors)).scalar_one()
-    expected = (len(bench.scenes), a["text_inputs"], a["texts_embedded"])
-    if (clip_rows, text_rows, b["texts_embedded"]) != expected:
-        raise SystemExit(
-            f"pipeline wrote {clip_rows} CLIP and {text_rows} text vectors and embedded {b['texts_embedded']} "
-            f"texts; expected {expected[0]}, {expected[1]} and {expected[2]}"
-        )
+    n_clip, n_text = len(bench.clip_items), len(bench.text_items)
+    checks = {
+        "CLIP items": (b["clip_items"], n_clip),
+        "CLIP items computed": (b["clip_items_computed"], n_clip),
+        "CLIP vectors written": (b["clip_vectors_embedded"], n_clip),
+        "CLIP failures": (b["clip_failures"], 0),
+        "CLIP rows in the table": (clip_rows, n_clip),
+        "text items": (b["text_items"], n_text),
+        "text items computed": (b["text_items_computed"], n_text),
+        "distinct texts embedded": (b["texts_embedded"], a["texts_embedded"]),
+        "texts embedded or reused by the runs": (
+            b["texts_embedded"] + b["texts_reused_from_cache"],
+            b["texts_distinct_per_run"],
+        ),
+        "text vectors written": (b["text_vectors_written"], n_text),
+        "text failures": (b["text_failures"], 0),
+        "text rows in the table": (text_rows, n_text),
+        "model-bound CLIP items": (a["clip_items"], n_clip),
+        "model-bound text inputs": (a["text_inputs"], n_text),
+    }
+    wrong = [f"{what}: {got}, expected {want}" for what, (got, want) in checks.items() if got != want]
+    if wrong:
+        raise SystemExit("the pipeline did not do the model-bound work: " + "; ".join(wrong))
 
 
 def rates_of(n: int, a_clip_s: float, a_text_s: float, b_s: float, clip_asset_s: float, text_asset_s: float) -> dict:
@@ -324,7 +393,8 @@ def print_table(report: dict[str, Any], say: Callable[[str], None]) -> None:
     rows = [
         (
             "corpus",
-            f"{c['videos']} videos x {c['scenes_per_video']} scenes = {c['scenes']} scenes, {c['owners']} owners",
+            f"{c['videos']} videos x {c['scenes_per_video']} scenes = {c['scenes']} scenes, {c['owners']} owners; "
+            f"items: {c['clip_items']} thumbnails, {c['text_items']} channel texts",
         ),
         ("models", f"CLIP {m['clip']} (batch {m['clip_batch_size']}); text {m['text']} (batch {m['text_batch_size']})"),
         (
@@ -355,7 +425,8 @@ def print_table(report: dict[str, Any], say: Callable[[str], None]) -> None:
         (
             "  scene_text_embeddings",
             f"{r['pipeline_text']:9.2f} scenes/s {s['text_asset']:9.2f} s  "
-            f"({b['texts_embedded']} texts embedded, {b['text_vectors_written']} vectors written)",
+            f"({b['texts_embedded']} texts embedded, {b['texts_reused_from_cache']} from an earlier run's cache, "
+            f"{b['text_vectors_written']} vectors written)",
         ),
         ("  Dagster, outside assets", f"{'':18} {s['b_pipeline'] - s['clip_asset'] - s['text_asset']:9.2f} s"),
         ("", ""),
@@ -406,6 +477,16 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     server = EmbeddedPostgres(data_dir=args.work_dir / "pg", port=args.pg_port, database=args.database)
     meter = CpuMeter(server.data_dir / "pgdata")
     started_server = not server.is_ready()
+    # Without a checkpoint, random weights: the architecture's compute without a download. The model ids
+    # come from configuration alone, so the items can be read before anything is loaded.
+    clip = ClipEmbedder(
+        model_name=args.clip_model,
+        pretrained=None,
+        checkpoint_path=str(args.clip_checkpoint) if args.clip_checkpoint else None,
+        device=device,
+    )
+    embedder = TextEmbedder(provider="local", device=device)
+    models = {SCENE_CLIP.name: clip.model_id, SCENE_TEXT.name: embedder.model_id}
     rounds = []
     try:
         with timed(phases, "setup", meter):
@@ -414,17 +495,16 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
             with db.transaction() as conn:
                 load_corpus(conn, corpus)
             keys = [str(v.id) for v in corpus.videos]
-            with db.engine.connect() as conn:
-                scenes = load_video_run(conn, keys).all_scenes
-        say(f"setup: {len(keys)} videos, {len(scenes)} scenes in {phases['setup'].wall_s:.1f} s")
+            n_scenes, clip_items, text_items = read_items(db, models, keys)
+        say(
+            f"setup: {len(keys)} videos, {n_scenes} scenes ({len(clip_items)} thumbnails, {len(text_items)} "
+            f"channel texts) in {phases['setup'].wall_s:.1f} s"
+        )
 
-        # Random weights: the architecture's compute without a download; no silent tiny fallback.
-        clip = ClipEmbedder(model_name=args.clip_model, pretrained=None, fallback="none", device=device)
-        embedder = TextEmbedder(provider="local", device=device)
-        bench = Bench(db, clip, embedder, BlobStore(), keys, scenes, meter)
+        bench = Bench(db, clip, embedder, BlobStore(), keys, n_scenes, clip_items, text_items, meter)
         with timed(phases, "warmup", meter):
-            clip.embed_tensors(clip_inputs(bench.blobs, clip, scenes[: clip.batch_size]))
-            embedder.embed_texts(channel_texts(scenes[:8]))
+            clip.embed_tensors(clip_inputs(bench.blobs, clip, clip_items[: clip.batch_size]))
+            embedder.embed_texts(item_texts(text_items[:8]))
         say(f"warm-up (models loaded): {phases['warmup'].wall_s:.1f} s")
 
         for i in range(1, args.rounds + 1):
@@ -435,11 +515,11 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
             a_wall = round_phases["a_clip"].wall_s + round_phases["a_text"].wall_s
             say(f"round {i}: (b) pipeline ((a) took {a_wall:.1f} s)")
             b = pipeline(bench, round_phases)
-            check_written(bench, a, b)
+            check_same_work(bench, a, b)
             say(f"round {i}: (b) took {round_phases['b_pipeline'].wall_s:.1f} s")
             walls = {name: ph.wall_s for name, ph in round_phases.items()}
             rates = rates_of(
-                len(scenes), walls["a_clip"], walls["a_text"], walls["b_pipeline"], b["clip_asset_s"], b["text_asset_s"]
+                n_scenes, walls["a_clip"], walls["a_text"], walls["b_pipeline"], b["clip_asset_s"], b["text_asset_s"]
             )
             rounds.append({**rates, "model_bound": a, "pipeline": b, "phases": round_phases})
     finally:
@@ -458,7 +538,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
         for name in ("a_clip", "a_text", "b_pipeline")
     )
     summary = rates_of(
-        len(scenes),
+        n_scenes,
         fastest["a_clip"],
         fastest["a_text"],
         fastest["b_pipeline"],
@@ -468,7 +548,14 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     for r in rounds:
         r["phases"] = {k: dataclasses.asdict(v) for k, v in r["phases"].items()}
     return {
-        "corpus": {"videos": len(keys), "scenes_per_video": args.scenes, "scenes": len(scenes), "owners": args.owners},
+        "corpus": {
+            "videos": len(keys),
+            "scenes_per_video": args.scenes,
+            "scenes": n_scenes,
+            "owners": args.owners,
+            "clip_items": len(clip_items),
+            "text_items": len(text_items),
+        },
         "models": {
             "clip": clip.model_id,
             "clip_batch_size": clip.batch_size,
@@ -495,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owners", type=int, default=4)
     parser.add_argument(
         "--clip-model", default="ViT-B-32", help="open_clip architecture, random weights (heimdex-tiny: quick run)"
+    )
+    parser.add_argument(
+        "--clip-checkpoint", type=Path, default=None, help="open_clip checkpoint file of --clip-model instead of random"
     )
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     parser.add_argument("--rounds", type=int, default=1, help="repeat (a) then (b); each phase's fastest counts")
