@@ -164,6 +164,11 @@ def run_step(
     force = run_flag(context, FORCE_TAG)
     retry_failed = run_flag(context, RETRY_FAILED_TAG)
     worker = f"run {context.run.run_id[:8]}"
+    try:  # before any work: a worker of another model than the deployment's does nothing
+        with db.transaction() as conn:
+            require_model(conn, step.name, model_id, worker)
+    except ModelMismatchError as exc:
+        raise dg.Failure(description=str(exc)) from None
     read = db.engine.connect().execution_options(isolation_level="REPEATABLE READ")
     with read, read.begin():
         # The snapshot every read below sees, kept in the ledger (the first statement fixes it).
@@ -172,10 +177,6 @@ def run_step(
             read, step.partitioning, context.partition_keys, context.run.tags.get(OWNER_SCOPE_TAG)
         )
         result = StepRun(step, model_id, parts)
-        try:
-            require_model(read, step.name, model_id, worker)
-        except ModelMismatchError as exc:
-            raise dg.Failure(description=str(exc)) from None
         items = step.items(read, deployment_models(read, models), parts.ids)
         done = step.done_rows(read, model_id, parts.ids)
         waiting = {} if retry_failed else _failures_in_backoff(read, step, model_id, parts.ids)
