@@ -163,13 +163,25 @@ class PartitionGroup:
     asset_keys: list[str]
 
 
+def _graph_root(name: str) -> str:
+    """The most upstream step that ``name`` reads from (itself when it reads no other step)."""
+    upstream = step_named(name).upstream
+    return _graph_root(upstream[0]) if upstream else name
+
+
 def partition_groups(plan: ReprocessPlan) -> list[PartitionGroup]:
-    """The plan's assets grouped by the partitions they redo, so that one run does them all."""
-    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    """The plan's assets grouped so that one run (or backfill) does them all: assets that redo the same
+    partitions share a group, and an asset joins the group of the steps it reads, over the union of
+    their partitions, so Dagster runs it after them (photo vectors, then query vectors)."""
+    connected: dict[str, list[str]] = {}
     for asset_key, asset in plan.assets.items():
         if asset.partitions:
-            kind = step_for_asset(asset_key).partitioning
-            groups.setdefault((kind, tuple(sorted(asset.partitions))), []).append(asset_key)
+            connected.setdefault(_graph_root(step_for_asset(asset_key).name), []).append(asset_key)
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for asset_keys in connected.values():
+        keys = sorted({k for a in asset_keys for k in plan.assets[a].partitions})
+        kind = step_for_asset(asset_keys[0]).partitioning
+        groups.setdefault((kind, tuple(keys)), []).extend(asset_keys)
     return [PartitionGroup(kind, list(keys), asset_keys) for (kind, keys), asset_keys in groups.items()]
 
 

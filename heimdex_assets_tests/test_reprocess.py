@@ -7,7 +7,15 @@ from sqlalchemy import select, text, update
 from heimdex_assets.assets import scene_clip_embeddings, scene_search_index, scene_text_embeddings
 from heimdex_assets.db.tables import scene_text_vectors, scenes, videos
 from heimdex_assets.models import expected_models
-from heimdex_assets.reprocess import ReprocessError, ReprocessRequest, plan_reprocess, run_plan
+from heimdex_assets.reprocess import (
+    AssetPlan,
+    ReprocessError,
+    ReprocessPlan,
+    ReprocessRequest,
+    partition_groups,
+    plan_reprocess,
+    run_plan,
+)
 from heimdex_assets.resources import OpenCvPersonDetector, SearchIndex
 from heimdex_assets.resources.text_embedder import estimate_tokens
 from heimdex_assets_tests.conftest import materialize_videos
@@ -114,3 +122,24 @@ def test_running_an_owner_plan_redoes_its_partitions_and_leaves_the_other_owner_
     assert b_rows() == before
     runs = instance.get_runs()
     assert {r.tags.get("heimdex/owner_id") for r in runs if "heimdex/owner_id" in r.tags} == {str(a)}
+
+
+def test_an_asset_is_grouped_with_the_steps_it_reads_so_one_run_orders_them():
+    request = ReprocessRequest(scope="all")
+    assets = {
+        "scene_text_embeddings": AssetPlan("scene_text_embeddings", "v", "m", ["v1", "v2"]),
+        "scene_search_index": AssetPlan("scene_search_index", "v", "m", ["v1", "v2"]),
+        "scene_clip_embeddings": AssetPlan("scene_clip_embeddings", "v", "m", ["v3"]),
+        "person_photo_embeddings": AssetPlan("person_photo_embeddings", "v", "m", ["o1"]),
+        "person_query_embeddings": AssetPlan("person_query_embeddings", "v", "m", ["o2"]),
+    }
+    groups = {
+        (g.partitioning, tuple(g.partitions), tuple(sorted(g.asset_keys)))
+        for g in partition_groups(ReprocessPlan(request, None, 3, assets))
+    }
+    assert groups == {
+        ("video", ("v1", "v2"), ("scene_search_index", "scene_text_embeddings")),
+        ("video", ("v3",), ("scene_clip_embeddings",)),
+        # Query vectors read photo vectors: one group over both owners, photos first within each run.
+        ("owner", ("o1", "o2"), ("person_photo_embeddings", "person_query_embeddings")),
+    }
