@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from heimdex_assets.db.engine import DatabaseUnavailableError
+from heimdex_assets.generations import ActivationError
 from heimdex_assets.models import ModelMismatchError
 from heimdex_assets.partitions import InvalidIdError
 from heimdex_assets.reprocess import ReprocessError
@@ -224,6 +225,7 @@ def status(args: argparse.Namespace) -> dict:
 
     Reads the app database (and asks the search index for its identity); loads no model."""
     from heimdex_assets.freshness import partition_states, summarize
+    from heimdex_assets.generations import active_generations, previous_generations
     from heimdex_assets.models import configured_models, deployment_models
     from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
     from heimdex_assets.steps import STEPS
@@ -233,9 +235,14 @@ def status(args: argparse.Namespace) -> dict:
     assets = {}
     with resources["db"].engine.connect() as conn:
         models = deployment_models(conn, configured)
+        active, previous = active_generations(conn), previous_generations(conn)
         for step in STEPS:
             states = partition_states(conn, step, models)
+            serving = active.get(step.name)
             assets[step.asset_key] = {
+                "active_generation": _generation_dict(serving),
+                "previous_generation": _generation_dict(previous.get(step.name)),
+                "candidate_is_active": serving is not None and serving.key == (step.version, models[step.name]),
                 "step_version": step.version,
                 "model_id": models[step.name],
                 "configured_model_id": configured[step.name],
@@ -244,6 +251,17 @@ def status(args: argparse.Namespace) -> dict:
                 "failed_items": sum(s.failed_items for s in states.values()),
             }
     return {"spec_version": LATEST_EMBEDDING_SPEC_VERSION, "assets": assets}
+
+
+def _generation_dict(generation: object | None) -> dict | None:
+    if generation is None:
+        return None
+    return {
+        "step_version": generation.version,
+        "model_id": generation.model_id,
+        "activated_at": generation.activated_at,
+        "activated_by": generation.activated_by,
+    }
 
 
 def _print_status(result: dict) -> None:
@@ -255,6 +273,12 @@ def _print_status(result: dict) -> None:
             f"{asset_key:<26} {a['step_version']:<11} {p['fresh']:>6} {p['stale']:>6} {p['missing']:>8} "
             f"{p['failed']:>7}  {a['model_id']}"
         )
+    print("\nsearch serves (active generation)")
+    for asset_key, a in result["assets"].items():
+        g = a["active_generation"]
+        serving = f"{g['step_version']} / {g['model_id']}" if g else "nothing yet (no complete generation)"
+        building = "" if a["candidate_is_active"] else f"  (building {a['step_version']} / {a['model_id']})"
+        print(f"  {asset_key:<26} {serving}{building}")
     for asset_key, a in result["assets"].items():
         if a["configured_model_id"] != a["model_id"] and not asset_key.startswith("scene_search"):
             print(
@@ -298,6 +322,38 @@ def _print_models(result: dict) -> None:
         print(f"{step:<14} {m['deployment'] or '(not recorded yet)':<52} {m['configured']}{same}")
 
 
+def generation_command(args: argparse.Namespace) -> dict:
+    """``heimdex activate STEP [--force]`` / ``heimdex rollback STEP``: flip what a step's searches read."""
+    from heimdex_assets.assets.scene_search import align_alias
+    from heimdex_assets.generations import activate, rollback
+    from heimdex_assets.models import expected_models
+    from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
+    from heimdex_assets.steps import step as step_named
+
+    try:
+        step = step_named(args.step)
+    except KeyError as exc:
+        raise CliError(str(exc.args[0])) from None
+    resources = follow_recorded_placeholder(resources_from_env(deferred=False))
+    actor, reason = "heimdex cli", args.reason or f"heimdex {args.action}"
+    with resources["db"].transaction() as conn:
+        if args.action == "activate":
+            models = expected_models(conn, resources)
+            flipped = activate(conn, step, models, actor=actor, reason=reason, force=args.force)
+        else:
+            flipped = rollback(conn, step.name, actor=actor, reason=reason)
+    if step.name == "scene_search":
+        align_alias(resources["db"], resources["search_index"])
+    if flipped is None:
+        return {"step": step.name, "changed": False, "message": f"{step.name}: the candidate is already active"}
+    return {
+        "step": step.name,
+        "changed": True,
+        "active": {"step_version": flipped.version, "model_id": flipped.model_id},
+        "message": f"{step.name}: searches now read {flipped.version} / {flipped.model_id}",
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heimdex", description="Heimdex Assets: embeddings kept in step with the spec."
@@ -326,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="partitions fresh / stale / missing / failed per asset")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=status, printer=_print_status)
+
+    for action, text_ in (
+        ("activate", "make a step's candidate generation the one searches read (full coverage, or --force)"),
+        ("rollback", "make a step's previous generation the one searches read again"),
+    ):
+        p = sub.add_parser(action, help=text_)
+        p.add_argument("step", help="scene_text, scene_clip, scene_person, scene_search, person_photo or person_query")
+        if action == "activate":
+            p.add_argument("--force", action="store_true", help="activate below full coverage")
+        p.add_argument("--reason", help="why (kept with the flip)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=generation_command, printer=lambda r: print(r["message"]), action=action, force=False)
 
     p = sub.add_parser("models", help="the model each step's rows must carry; `use` records the configured ones")
     p.add_argument("action", nargs="?", choices=["show", "use"], default="show")
@@ -360,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ModelMismatchError,
         ClipWeightsUnavailableError,
         SearchIndexError,
+        ActivationError,
     ) as exc:
         print(f"heimdex: error: {exc}", file=sys.stderr)
         return 1

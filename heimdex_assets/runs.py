@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from heimdex_assets.db.tables import owners, videos
 from heimdex_assets.freshness import FAILURE_BACKOFF_BASE, FAILURE_BACKOFF_CAP
+from heimdex_assets.generations import Generation, activate_if_complete
 from heimdex_assets.models import ModelMismatchError, deployment_models, require_model
 from heimdex_assets.partitions import InvalidIdError, parse_partition_key
 from heimdex_assets.resources import AppDatabase
@@ -122,6 +123,7 @@ class StepRun:
     rows_written: int = 0
     stray_rows_deleted: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    activated: Generation | None = None
     started: float = field(default_factory=time.monotonic)
 
     def metadata(self, **extra: Any) -> dict[str, Any]:
@@ -139,6 +141,7 @@ class StepRun:
             "failure_reasons": dg.MetadataValue.json(dict(list(self.failures.items())[:50])),
             "step_version": self.step.version,
             "model_id": self.model_id,
+            "activated_generation": f"{self.activated.version} / {self.activated.model_id}" if self.activated else "",
             **extra,
             "seconds": round(time.monotonic() - self.started, 3),
         }
@@ -215,6 +218,12 @@ def run_step(
             parts.rejected[str(pid)] = f"not written: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     for item_id, reason in result.failures.items():
         context.log.warning(f"{step.name} item {item_id}: {reason}")
+    with db.transaction() as conn:  # the candidate serves search once it covers every partition
+        result.activated = activate_if_complete(
+            conn, step, deployment_models(conn, models), f"run {context.run.run_id}"
+        )
+    if result.activated is not None:
+        context.log.info(f"{step.name}: generation {step.version} / {model_id} is now active")
     return result
 
 

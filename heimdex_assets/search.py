@@ -22,7 +22,7 @@ from heimdex_assets.db.tables import (
     scene_text_vectors,
     scenes,
 )
-from heimdex_assets.models import ModelMismatchError, recorded_models
+from heimdex_assets.generations import serving_generations
 from heimdex_assets.spec import SPEC
 
 Mode = Literal["lexical", "semantic", "hybrid"]
@@ -102,29 +102,43 @@ def nearest_scenes(
 
 
 def person_query_vector(
-    conn: Connection, owner_id: uuid.UUID, person_id: uuid.UUID, expected: dict | None = None
+    conn: Connection, owner_id: uuid.UUID, person_id: uuid.UUID, model_id: str | None = None
 ) -> tuple[np.ndarray, str]:
-    """The person's query vector (of the deployment's model, when recorded) and its model; SearchError if
-    the person is not the owner's."""
+    """The person's query vector (of ``model_id`` when given: the scene person vectors' model, which
+    it must share) and its model; SearchError if the person is not the owner's."""
     owner = conn.execute(select(persons.c.owner_id).where(persons.c.id == person_id)).scalar()
     if owner is None or owner != owner_id:
         # Same message for "absent" and "another owner's": existence is not leaked across tenants.
         raise SearchError(f"person {person_id} not found for owner {owner_id}")
+    q = person_query_vectors
     row = conn.execute(
-        select(person_query_vectors.c.embedding, person_query_vectors.c.model_id).where(
-            person_query_vectors.c.person_id == person_id,
-            person_query_vectors.c.owner_id == owner_id,
-            person_query_vectors.c.step_version == SPEC.step("person_query").version,
-            *(
-                [person_query_vectors.c.model_id == expected["person_query"].model_id]
-                if expected and "person_query" in expected
-                else []
-            ),
+        select(q.c.embedding, q.c.model_id)
+        .where(
+            q.c.person_id == person_id,
+            q.c.owner_id == owner_id,
+            *([q.c.model_id == model_id] if model_id is not None else []),
         )
+        # The spec's current version first, else the newest one of that model.
+        .order_by((q.c.step_version == SPEC.step("person_query").version).desc(), q.c.step_version.desc())
+        .limit(1)
     ).first()
     if row is None:
         raise SearchError(f"person {person_id} has no query vector yet (no READY reference photo?)")
     return np.asarray(row.embedding, dtype=np.float32), row.model_id
+
+
+def query_embedder(text_embedder: object, model_id: str) -> object:
+    """An embedder of ``model_id`` for queries: this process's own, or the local model when that is the
+    one the active vectors were made by; SearchError when this process cannot make such vectors."""
+    from heimdex_assets.resources.text_embedder import LOCAL_MODEL_ID, TextEmbedder
+
+    if text_embedder.model_id == model_id:
+        return text_embedder
+    if model_id == LOCAL_MODEL_ID:
+        return TextEmbedder(provider="local")
+    raise SearchError(
+        f"the active text vectors are {model_id}, but this process is configured for {text_embedder.model_id}"
+    )
 
 
 def _snippet(transcript: str | None, query: str, width: int = 160) -> str:
@@ -191,54 +205,54 @@ def search_scenes(
         raise SearchError("empty query: give words to search for, or --person-id")
     rankings: dict[str, list[uuid.UUID]] = {}
     depth = max(limit * 3, 30)
-    with db.engine.connect() as conn:
-        expected = recorded_models(conn)
-
-    def model_of(step: str, configured: str) -> str:
-        """The deployment's model of ``step``; a query embedded by another model would compare across spaces."""
-        model = expected[step].model_id if step in expected else configured
-        if model != configured:
-            raise ModelMismatchError(
-                f"{step}: the deployment's vectors are {model}, but this process is configured for {configured}; "
-                "configure it to match"
-            )
-        return model
-
     if query and mode in ("lexical", "hybrid"):
+        # The alias follows the active search generation (heimdex_assets.generations).
         rankings["bm25"] = [uuid.UUID(str(h.scene_id)) for h in search_index.search(owner_id, query, depth)]
-    with db.engine.begin() as conn:
-        if query and mode in ("semantic", "hybrid"):
+    # One snapshot for the whole query: a flip commits before or after it, never in the middle.
+    reader = db.engine.connect().execution_options(isolation_level="REPEATABLE READ")
+    with reader as conn, conn.begin():
+        active = serving_generations(
+            conn,
+            {
+                "scene_text": text_embedder.model_id if text_embedder is not None else "",
+                "scene_clip": clip.model_id if clip is not None else "",
+            },
+        )
+        text_gen, clip_gen = active.get("scene_text"), active.get("scene_clip")
+        if query and mode in ("semantic", "hybrid") and text_gen is not None:
             rankings["text"] = nearest_scenes(
                 conn,
                 scene_text_vectors,
                 owner_id,
-                text_embedder.embed_query(query),
-                version=SPEC.step("scene_text").version,
-                model_id=model_of("scene_text", text_embedder.model_id),
+                query_embedder(text_embedder, text_gen.model_id).embed_query(query),
+                version=text_gen.version,
+                model_id=text_gen.model_id,
                 limit=depth,
                 channels=SEMANTIC_CHANNELS,
             )
-            clip_model = expected["scene_clip"].model_id if "scene_clip" in expected else clip.model_id
             # Random CLIP weights cannot rank text against images; nor can a CLIP other than the vectors'.
-            if not clip.is_placeholder and clip_model == clip.model_id:
+            if clip_gen is not None and not clip.is_placeholder and clip_gen.model_id == clip.model_id:
                 rankings["clip"] = nearest_scenes(
                     conn,
                     scene_clip_vectors,
                     owner_id,
                     clip.embed_texts([query])[0],
-                    version=SPEC.step("scene_clip").version,
-                    model_id=clip_model,
+                    version=clip_gen.version,
+                    model_id=clip_gen.model_id,
                     limit=depth,
                 )
         if person_id is not None:
-            vector, model_id = person_query_vector(conn, owner_id, person_id, expected)
+            person_gen = active.get("scene_person")
+            if person_gen is None:
+                raise SearchError("person search has no complete generation of scene person vectors yet")
+            vector, _ = person_query_vector(conn, owner_id, person_id, person_gen.model_id)
             rankings["person"] = nearest_scenes(
                 conn,
                 scene_person_vectors,
                 owner_id,
                 vector,
-                version=SPEC.step("scene_person").version,
-                model_id=model_id,
+                version=person_gen.version,
+                model_id=person_gen.model_id,
                 limit=depth,
             )
         fused = reciprocal_rank_fusion(rankings)[:limit]

@@ -38,7 +38,7 @@ OPENSEARCH_URL = os.environ.get("HEIMDEX_TEST_OPENSEARCH_URL") or "http://127.0.
 TEST_PG_PORT = int(os.environ.get("HEIMDEX_TEST_PG_PORT", "55432"))
 STATE_DIR = Path(os.environ.get("HEIMDEX_TEST_STATE_DIR", Path(tempfile.gettempdir()) / "heimdex-test"))
 ALL_TABLES = (
-    "partition_ledger, input_stamps, step_models, "
+    "partition_ledger, input_stamps, step_models, generations, generation_events, "
     "owners, videos, scenes, persons, person_reference_photos, scene_text_vectors, scene_clip_vectors, "
     "text_embedding_cache, embedding_failures, scene_person_vectors, scene_person_scans, person_photo_vectors, "
     "person_query_vectors, scene_search_documents"

@@ -2,14 +2,14 @@
 
 Documents are written to ``<prefix>-<version>``; the ledger table ``scene_search_documents`` records,
 per scene, which index (by its identity) holds which document (by its hash), so freshness is answered
-by SQL and a wiped or recreated index counts as missing. The alias that searches read moves to a
-version only once that version's index holds every scene of every READY video.
+by SQL and a wiped or recreated index counts as missing. The alias that searches read follows the
+active search generation (``heimdex_assets.generations``): it moves once the new index covers every
+partition, or on ``heimdex activate``/``rollback``.
 """
 
 import dagster as dg
-from sqlalchemy import Connection, and_, select
 
-from heimdex_assets.db.tables import scene_search_documents, scenes, videos
+from heimdex_assets.generations import active_generations
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.resources import AppDatabase, SearchIndex
 from heimdex_assets.resources.search_index import BulkIndexError
@@ -17,24 +17,23 @@ from heimdex_assets.runs import Batch, ItemOutput, raise_for_rejected, run_step
 from heimdex_assets.steps import SCENE_SEARCH as STEP
 
 
-def index_is_complete(conn: Connection, version: str, index_identity: str) -> bool:
-    """Whether every scene of every READY video has a document in the index ``index_identity``."""
-    ledger = scene_search_documents
-    missing = (
-        select(scenes.c.id)
-        .join(videos, videos.c.id == scenes.c.video_id)
-        .outerjoin(
-            ledger,
-            and_(
-                ledger.c.scene_id == scenes.c.id,
-                ledger.c.step_version == version,
-                ledger.c.model_id == index_identity,
-            ),
-        )
-        .where(videos.c.status == "READY", ledger.c.scene_id.is_(None))
-        .exists()
-    )
-    return not conn.execute(select(missing)).scalar_one()
+def align_alias(db: AppDatabase, search_index: SearchIndex) -> str | None:
+    """Point the alias that lexical search reads at the active search generation's index (one atomic
+    call); returns the version it points at. Before a first complete index, it stays where it is."""
+    with db.engine.connect() as conn:
+        active = active_generations(conn).get(STEP.name)
+    current = search_index.active_version()
+    if active is not None and active.version != current and search_index.index_identity(active.version):
+        search_index.activate(active.version)
+        return active.version
+    return current
+
+
+def _serving(db: AppDatabase, identity: str) -> bool:
+    """Whether the active search generation is this version's index."""
+    with db.engine.connect() as conn:
+        active = active_generations(conn).get(STEP.name)
+    return active is not None and active.key == (STEP.version, identity)
 
 
 @dg.asset(
@@ -74,14 +73,10 @@ def scene_search_index(
         }
 
     run = run_step(context, db, STEP, {STEP.name: identity}, compute)
-    with db.engine.connect() as conn:
-        complete = index_is_complete(conn, STEP.version, identity)
-    active = search_index.active_version()
-    if complete and active != STEP.version:
-        search_index.activate(STEP.version)
-        active = STEP.version
+    active = align_alias(db, search_index)
+    complete = _serving(db, identity)  # this index is the active search generation
     if not complete:
-        context.log.info(f"{index} is not complete yet; searches stay on {active}")
+        context.log.info(f"{index} does not cover every scene yet; searches stay on {active}")
     raise_for_rejected(run.partitions.rejected)
     return dg.MaterializeResult(
         metadata=run.metadata(index=index, complete=complete, alias_active_version=active or "", **counts)
