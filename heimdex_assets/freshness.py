@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import Connection, text
 
@@ -38,8 +39,7 @@ def failure_backoff(attempts: int) -> timedelta:
     return min(FAILURE_BACKOFF_CAP, FAILURE_BACKOFF_BASE * 2 ** max(0, min(attempts - 1, 20)))
 
 
-@dataclass(frozen=True)
-class PartitionState:
+class PartitionState(NamedTuple):
     """One partition's state for one step, with its item counts and the model bill's input size."""
 
     key: str
@@ -159,15 +159,28 @@ def partition_states(
     changed_since = """EXISTS (SELECT 1 FROM input_stamps st WHERE st.partition_id = u.id
         AND st.source = ANY(:sources) AND NOT pg_visible_in_snapshot(st.changed_xid, {alias}.read_snapshot)
         AND (st.source = ANY(:inputs) OR st.changed_xid <> {alias}.written_xid))"""
+    if owner_id is None and partition_ids is None:  # every partition: one hash join over the stamps
+        changed_current = "ch.partition_id IS NOT NULL"
+        changed_join = """LEFT JOIN (
+            SELECT DISTINCT st.partition_id FROM input_stamps st
+            JOIN partition_ledger l2 ON l2.step = :step AND l2.partition_id = st.partition_id
+                 AND l2.step_version = :version AND l2.model_id = :model
+            WHERE st.source = ANY(:sources) AND NOT pg_visible_in_snapshot(st.changed_xid, l2.read_snapshot)
+              AND (st.source = ANY(:inputs) OR st.changed_xid <> l2.written_xid)
+        ) ch ON ch.partition_id = u.id"""
+    else:  # a few partitions: one index probe each
+        changed_current = "l.step IS NOT NULL AND " + changed_since.format(alias="l")
+        changed_join = ""
     sql = f"""
         WITH u AS ({_universe_sql(step, owner_id is not None, partition_ids is not None)})
-        SELECT u.id, l.items, l.failed, l.retry_at, l.input_bytes, l.step IS NOT NULL AS current,
-               l.step IS NOT NULL AND {changed_since.format(alias="l")} AS changed,
+        SELECT u.id::text AS key, l.items, l.failed, l.retry_at, l.input_bytes, l.step IS NOT NULL AS current,
+               {changed_current} AS changed,
                prev.step IS NOT NULL AS ever, prev.items AS prev_items, prev.input_bytes AS prev_bytes,
                prev.changed AS prev_changed
         FROM u
         LEFT JOIN partition_ledger l
                ON l.step = :step AND l.partition_id = u.id AND l.step_version = :version AND l.model_id = :model
+        {changed_join}
         LEFT JOIN LATERAL (
             SELECT p.step, p.items, p.input_bytes, {changed_since.format(alias="p")} AS changed
             FROM partition_ledger p
@@ -176,24 +189,28 @@ def partition_states(
         ) prev ON TRUE
     """
     rows = conn.execute(text(sql), params).all()
+    # Plain tuples, not attribute access: this loop runs once per partition (100k and more).
+    # (key, items, failed, retry_at, input_bytes, current, changed, ever, prev_items, prev_bytes, prev_changed)
     # Compared item by item: inputs changed since the ledger's read, or nothing to go by.
-    exact = [r.id for r in rows if (r.current and r.changed) or (not r.current and (not r.ever or r.prev_changed))]
-    counted = item_counts(conn, step, models, exact) if exact else {}
+    exact = [r[0] for r in rows if (r[5] and r[6]) or (not r[5] and (not r[7] or r[10]))]
+    counted = item_counts(conn, step, models, [uuid.UUID(k) for k in exact]) if exact else {}
     now = conn.execute(text("SELECT now()")).scalar_one()
     states: dict[str, PartitionState] = {}
-    for r in rows:
-        key = str(r.id)
-        c = counted.get(r.id)
-        if r.current and not r.changed:  # exactly as its run left it
-            due = bool(r.failed) and (r.retry_at is None or r.retry_at <= now)
-            state = "fresh" if not r.failed else ("stale" if due else "failed")
+    for key, items, failed, retry_at, _bytes, current, changed, ever, prev_items, prev_bytes, _ in rows:
+        if current and not changed:  # exactly as its run left it
+            if not failed:
+                states[key] = PartitionState(key, "fresh", items, 0, 0, 0, retry_at)
+                continue
+            due = retry_at is None or retry_at <= now
             states[key] = PartitionState(
-                key, state, r.items, r.failed if due else 0, 0 if due else r.failed, 0, r.retry_at
+                key, "stale" if due else "failed", items, failed if due else 0, 0 if due else failed, 0, retry_at
             )
-        elif c is not None:
-            if not r.current and not r.ever and not c.has_rows:
+            continue
+        c = counted.get(uuid.UUID(key))
+        if c is not None:
+            if not current and not ever and not c.has_rows:
                 state = "missing" if c.items else "fresh"
-            elif c.stale or c.stray_rows or (r.current and c.items != r.items):
+            elif c.stale or c.stray_rows or (current and c.items != items):
                 # Fewer items than the run wrote: some were deleted, with their rows (foreign keys)
                 # but not with what lives outside the database (their search documents).
                 state = "stale"
@@ -201,8 +218,8 @@ def partition_states(
                 state = "failed" if c.failed else "fresh"
             states[key] = PartitionState(key, state, c.items, c.stale, c.failed, c.input_bytes, c.retry_at)
         else:  # another generation's ledger, inputs unchanged since: every item is to redo
-            items = r.prev_items or 0
-            states[key] = PartitionState(key, "stale" if items else "fresh", items, items, 0, int(r.prev_bytes or 0))
+            n = prev_items or 0
+            states[key] = PartitionState(key, "stale" if n else "fresh", n, n, 0, int(prev_bytes or 0))
     return states
 
 

@@ -136,7 +136,10 @@ def plan_reprocess(conn: Connection, request: ReprocessRequest, models: dict[str
         ids = video_ids if step.partitioning == "video" else owner_ids
         asset = AssetPlan(step.asset_key, step.version, models[step.name])
         if ids:
-            states = partition_states(conn, step, models, partition_ids=ids)
+            if request.scope == "all" and request.since is None:  # every READY video / owner: ship no id list
+                states = partition_states(conn, step, models)
+            else:
+                states = partition_states(conn, step, models, partition_ids=ids)
             chosen = {k for k, s in states.items() if request.force or s.state in wanted_states}
             for upstream in step.upstream:
                 chosen |= set(plan.assets[step_named(upstream).asset_key].partitions)
