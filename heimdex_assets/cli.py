@@ -354,6 +354,35 @@ def generation_command(args: argparse.Namespace) -> dict:
     }
 
 
+def prune_command(args: argparse.Namespace) -> dict:
+    """``heimdex prune``: delete generations older than the previous one, past the grace period."""
+    from datetime import timedelta
+
+    from heimdex_assets.generations import prunable_generations, prune
+    from heimdex_assets.models import expected_models
+    from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
+
+    if args.grace_days < 0:
+        raise CliError("--grace-days must be 0 or more")
+    grace = timedelta(days=args.grace_days)
+    resources = follow_recorded_placeholder(resources_from_env(deferred=False))
+    with resources["db"].engine.connect() as conn:
+        models = expected_models(conn, resources)
+        if args.dry_run:
+            found = prunable_generations(conn, models, grace)
+            listed = [{"step": g.step, "step_version": g.version, "model_id": g.model_id} for g in found]
+            return {"dry_run": True, "generations": listed, "message": f"{len(listed)} generation(s) to prune"}
+    report = prune(resources["db"], resources["search_index"], models, grace)
+    rows = sum(r["rows_deleted"] for r in report)
+    return {"dry_run": False, "generations": report, "message": f"pruned {len(report)} generation(s), {rows} rows"}
+
+
+def _print_prune(result: dict) -> None:
+    for g in result["generations"]:
+        print(f"  {g['step']:<14} {g['step_version']:<11} {g['model_id']}  {g.get('rows_deleted', '')}")
+    print(result["message"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heimdex", description="Heimdex Assets: embeddings kept in step with the spec."
@@ -394,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="why (kept with the flip)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(handler=generation_command, printer=lambda r: print(r["message"]), action=action, force=False)
+
+    p = sub.add_parser("prune", help="delete generations older than the previous one, past the grace period")
+    p.add_argument("--grace-days", type=float, default=7.0, help="idle this long before pruning (default 7)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be pruned")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=prune_command, printer=_print_prune)
 
     p = sub.add_parser("models", help="the model each step's rows must carry; `use` records the configured ones")
     p.add_argument("action", nargs="?", choices=["show", "use"], default="show")

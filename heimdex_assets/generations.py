@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -124,7 +124,10 @@ def _flip(
     conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('heimdex-generation:' || :step))"), {"step": step})
     target = {"step": step, "version": version, "model": model_id}
     # In this order, so that no statement ever sees two active or two previous generations.
-    conn.execute(text("UPDATE generations SET state = 'retired' WHERE step = :step AND state = 'previous'"), target)
+    conn.execute(
+        text("UPDATE generations SET state = 'retired', retired_at = now() WHERE step = :step AND state = 'previous'"),
+        target,
+    )
     conn.execute(text("UPDATE generations SET state = 'previous' WHERE step = :step AND state = 'active'"), target)
     params = target | {"actor": actor, "reason": reason, "details": json.dumps(details), "action": action}
     conn.execute(
@@ -133,6 +136,7 @@ def _flip(
                    (step, step_version, model_id, state, activated_at, activated_by, reason, coverage)
                VALUES (:step, :version, :model, 'active', now(), :actor, :reason, CAST(:details AS jsonb))
                ON CONFLICT (step, step_version, model_id) DO UPDATE SET state = 'active', activated_at = now(),
+                   retired_at = NULL,
                    activated_by = EXCLUDED.activated_by, reason = EXCLUDED.reason, coverage = EXCLUDED.coverage"""
         ),
         params,
@@ -184,3 +188,116 @@ def rollback(conn: Connection, step: str, *, actor: str, reason: str) -> Generat
         raise ActivationError(f"{step}: no previous generation to roll back to")
     _flip(conn, step, previous.version, previous.model_id, actor, reason, {}, "rollback")
     return previous
+
+
+PRUNE_GRACE = timedelta(days=7)
+PRUNE_BATCH = 5000
+
+
+@dataclass(frozen=True)
+class Prunable:
+    """A generation that no search reads and no run writes, idle since ``idle_since``."""
+
+    step: str
+    version: str
+    model_id: str
+    idle_since: datetime | None
+
+
+def prunable_generations(conn: Connection, models: dict[str, str], grace: timedelta = PRUNE_GRACE) -> list[Prunable]:
+    """Generations older than the previous one: neither active, previous nor the candidate, and idle
+    (not written, not served) for longer than ``grace``."""
+    from heimdex_assets.steps import STEPS
+
+    active, previous = active_generations(conn), previous_generations(conn)
+    now = conn.execute(text("SELECT now()")).scalar_one()
+    out = []
+    for step in STEPS:
+        kept = {(step.version, models[step.name])}
+        kept |= {g.key for g in (active.get(step.name), previous.get(step.name)) if g is not None}
+        found = conn.execute(
+            text(
+                f"""SELECT r.step_version, r.model_id, max(greatest(l.last_written, g.retired_at)) AS idle_since
+                    FROM (SELECT DISTINCT step_version, model_id FROM {step.table.name}) r
+                    LEFT JOIN (SELECT step_version, model_id, max(written_at) AS last_written FROM partition_ledger
+                               WHERE step = :step GROUP BY 1, 2) l USING (step_version, model_id)
+                    LEFT JOIN generations g
+                           ON g.step = :step AND (g.step_version, g.model_id) = (r.step_version, r.model_id)
+                    GROUP BY 1, 2"""
+            ),
+            {"step": step.name},
+        )
+        for r in found:
+            if (r.step_version, r.model_id) not in kept and (r.idle_since is None or r.idle_since < now - grace):
+                out.append(Prunable(step.name, r.step_version, r.model_id, r.idle_since))
+    return out
+
+
+def prune_generation(engine: Any, generation: Prunable, batch: int = PRUNE_BATCH) -> int:
+    """Delete a prunable generation's rows in batches (one transaction each), then its ledger, failures and
+    record; returns the rows deleted. Search indexes are the caller's (``prune`` drops them)."""
+    from heimdex_assets.steps import step as step_named
+
+    step = step_named(generation.step)
+    gen = {"step": step.name, "version": generation.version, "model": generation.model_id, "batch": batch}
+    deleted = 0
+    for table in (*step.extra_tables, step.table):
+        while True:
+            with engine.begin() as conn:
+                conn.execute(text("SET LOCAL heimdex.pruning = 'on'"))
+                n = conn.execute(
+                    text(
+                        f"DELETE FROM {table.name} WHERE ctid IN (SELECT ctid FROM {table.name} "
+                        "WHERE step_version = :version AND model_id = :model LIMIT :batch)"
+                    ),
+                    gen,
+                ).rowcount
+            deleted += n
+            if n < batch:
+                break
+    with engine.begin() as conn:
+        where = "step = :step AND step_version = :version AND model_id = :model"
+        for table in ("partition_ledger", "embedding_failures"):
+            conn.execute(text(f"DELETE FROM {table} WHERE {where}"), gen)
+        conn.execute(text(f"DELETE FROM generations WHERE {where} AND state = 'retired'"), gen)
+        conn.execute(
+            text(
+                "INSERT INTO generation_events (step, step_version, model_id, action, actor, reason, details) "
+                "VALUES (:step, :version, :model, 'prune', 'heimdex prune', 'past the grace period', "
+                "CAST(:details AS jsonb))"
+            ),
+            gen | {"details": json.dumps({"rows_deleted": deleted})},
+        )
+    return deleted
+
+
+def prune(db: Any, search_index: Any, models: dict[str, str], grace: timedelta = PRUNE_GRACE) -> list[dict[str, Any]]:
+    """Prune every prunable generation (rows in batches; the search index of a version nothing kept
+    uses any more); never the active, the previous or the candidate one."""
+    with db.engine.connect() as conn:
+        prunable = prunable_generations(conn, models, grace)
+        kept_versions = {
+            g.version
+            for g in (active_generations(conn).get("scene_search"), previous_generations(conn).get("scene_search"))
+            if g is not None
+        }
+    from heimdex_assets.steps import SCENE_SEARCH
+
+    kept_versions.add(SCENE_SEARCH.version)
+    report = []
+    for g in prunable:
+        rows = prune_generation(db.engine, g)
+        dropped = None
+        if g.step == "scene_search" and g.version not in kept_versions and search_index.index_identity(g.version):
+            search_index.drop_version(g.version)
+            dropped = search_index.index_name(g.version)
+        report.append(
+            {
+                "step": g.step,
+                "step_version": g.version,
+                "model_id": g.model_id,
+                "rows_deleted": rows,
+                "index_dropped": dropped,
+            }
+        )
+    return report

@@ -1,11 +1,14 @@
 """Generations: search keeps answering from the active generation while the next one is built beside it,
 flips to it once it covers every partition, and rolls back exactly."""
 
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import text
 
 from heimdex_assets.assets import scene_text_embeddings
-from heimdex_assets.generations import ActivationError, activate, active_generations, rollback
+from heimdex_assets.freshness import partition_states
+from heimdex_assets.generations import ActivationError, activate, active_generations, prune, rollback
 from heimdex_assets.models import expected_models, record_models
 from heimdex_assets.resources import SearchIndex, TextEmbedder
 from heimdex_assets.resources.text_embedder import LOCAL_MODEL_ID
@@ -92,3 +95,43 @@ def test_search_serves_the_active_generation_while_the_next_is_built_then_flips_
 def test_rollback_without_a_previous_generation_is_refused(db):
     with db.transaction() as conn, pytest.raises(ActivationError, match="no previous generation"):
         rollback(conn, "scene_clip", actor="test", reason="none")
+
+
+def test_prune_deletes_exactly_the_expired_generations_rows_never_the_active_or_previous(
+    db, rows, resources, instance, tmp_path, fake_openai
+):
+    owner = rows.owner()
+    videos = [str(rows.video(owner, n_scenes=2)) for _ in range(3)]
+    search = {"search_index": SearchIndex(sqlite_path=str(tmp_path / "s.sqlite"))}
+    materialize_videos([scene_text_embeddings], videos, resources, instance)  # A: local, active
+    for model in (OPENAI_MODEL, "text-embedding-ada-002"):  # B, then C: A retired, B previous, C active
+        embedder = TextEmbedder(
+            provider="openai", openai_api_key="sk-test", openai_base_url=fake_openai.url, openai_model=model
+        )
+        with db.transaction() as conn:
+            record_models(conn, {"scene_text": model}, "test")
+        current = resources | {"text_embedder": embedder}
+        materialize_videos([scene_text_embeddings], videos, current, instance)
+
+    def per_model():
+        with db.engine.connect() as conn:
+            return dict(conn.execute(text("SELECT model_id, count(*) FROM scene_text_vectors GROUP BY 1")).all())
+
+    before = per_model()
+    assert before == {LOCAL_MODEL_ID: 12, OPENAI_MODEL: 12, "text-embedding-ada-002": 12}
+    with db.engine.connect() as conn:
+        models = expected_models(conn, current | search)
+    assert prune(db, search["search_index"], models) == []  # A retired just now: within the grace period
+    assert per_model() == before
+    report = prune(db, search["search_index"], models, grace=timedelta(0))
+    assert [(r["step"], r["model_id"], r["rows_deleted"]) for r in report] == [("scene_text", LOCAL_MODEL_ID, 12)]
+    assert per_model() == {OPENAI_MODEL: 12, "text-embedding-ada-002": 12}
+    with db.engine.connect() as conn:
+        ledger_models = set(
+            conn.execute(text("SELECT DISTINCT model_id FROM partition_ledger WHERE step = 'scene_text'")).scalars()
+        )
+        assert ledger_models == {OPENAI_MODEL, "text-embedding-ada-002"}
+        states = partition_states(conn, SCENE_TEXT, models)
+    # Pruning is no change to the generations kept: every partition stays fresh, without a recount.
+    assert {s.state for s in states.values()} == {"fresh"}
+    assert prune(db, search["search_index"], models, grace=timedelta(0)) == []  # B (previous) and C stay

@@ -82,9 +82,14 @@ END $$;
 -- A photo's content (what person_photo reads) and its status (what person_photo writes, and
 -- person_query reads) are separate sources, so person_photo's own writes do not stamp its input.
 -- Derived rows changed by anyone but the run that wrote the ledger (a manual delete, a cascade from
--- a deleted scene) are a change too; TG_ARGV[0] names the partition column.
+-- a deleted scene) are a change too; TG_ARGV[0] names the partition column. Pruning sets
+-- heimdex.pruning: it removes generations that no freshness is measured against.
 CREATE FUNCTION heimdex_stamp_rows() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- Pruning deletes only generations nobody serves or builds: no change to any partition's state.
+    IF current_setting('heimdex.pruning', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     IF TG_ARGV[0] = 'video_id' THEN
         PERFORM heimdex_stamp(ARRAY(SELECT video_id FROM old_rows), TG_TABLE_NAME);
     ELSE

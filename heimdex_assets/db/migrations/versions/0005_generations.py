@@ -22,6 +22,7 @@ CREATE TABLE generations (
     activated_by text NOT NULL,
     reason text NOT NULL,
     coverage jsonb NOT NULL DEFAULT '{}',
+    retired_at timestamptz,  -- when it stopped being active or previous: pruning's grace counts from here
     PRIMARY KEY (step, step_version, model_id)
 );
 -- At most one active and one previous generation per step: a flip is one transaction.
