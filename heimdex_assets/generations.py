@@ -117,11 +117,16 @@ def coverage(conn: Connection, step: Step, models: dict[str, str]) -> Coverage:
     return Coverage(len(states), counted, items, items - stale - failed, failed)
 
 
+def _lock(conn: Connection, step: str) -> None:
+    """Serialise flips of ``step`` (until the transaction ends): two runs finishing together flip once."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('heimdex-generation:' || :step))"), {"step": step})
+
+
 def _flip(
     conn: Connection, step: str, version: str, model_id: str, actor: str, reason: str, details: dict, action: str
 ) -> None:
-    """Make (version, model_id) the active generation of ``step``; the active one becomes previous."""
-    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('heimdex-generation:' || :step))"), {"step": step})
+    """Make (version, model_id) the active generation of ``step``; the active one becomes previous.
+    The caller holds the step's lock (``_lock``) since it read what it decided on."""
     target = {"step": step, "version": version, "model": model_id}
     # In this order, so that no statement ever sees two active or two previous generations.
     conn.execute(
@@ -157,6 +162,7 @@ def activate(
 
     Refused (ActivationError naming what is missing) below full coverage unless ``force``."""
     candidate = (step.version, models[step.name])
+    _lock(conn, step.name)
     active = active_generations(conn).get(step.name)
     if active is not None and active.key == candidate:
         return None
@@ -183,6 +189,7 @@ def activate_if_complete(conn: Connection, step: Step, models: dict[str, str], a
 
 def rollback(conn: Connection, step: str, *, actor: str, reason: str) -> Generation:
     """Make the previous generation of ``step`` active again (the active one becomes previous)."""
+    _lock(conn, step)
     previous = previous_generations(conn).get(step)
     if previous is None:
         raise ActivationError(f"{step}: no previous generation to roll back to")
