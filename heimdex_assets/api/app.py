@@ -22,6 +22,7 @@ from heimdex_assets.api.auth import (
     unauthorized,
     verify_token,
 )
+from heimdex_assets.assets.scene_search import align_alias
 from heimdex_assets.backfills import (
     BackfillError,
     BackfillNotFoundError,
@@ -30,6 +31,14 @@ from heimdex_assets.backfills import (
     launch_plan_backfills,
 )
 from heimdex_assets.db.engine import DatabaseUnavailableError
+from heimdex_assets.generations import (
+    ActivationError,
+    activate,
+    active_generations,
+    coverage,
+    previous_generations,
+    rollback,
+)
 from heimdex_assets.models import expected_models
 from heimdex_assets.reprocess import (
     ReprocessError,
@@ -38,6 +47,8 @@ from heimdex_assets.reprocess import (
     plan_reprocess,
 )
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
+from heimdex_assets.steps import STEPS
+from heimdex_assets.steps import step as step_named
 
 # Dagster backfill ids are short lowercase strings; anything else is refused before reaching GraphQL.
 BACKFILL_ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
@@ -102,6 +113,17 @@ def scoped_request(body: ReprocessBody, principal: Principal) -> ReprocessReques
         force=body.force,
         retry_failed=body.retry_failed,
     )
+
+
+def _generation_out(generation: object | None) -> dict | None:
+    if generation is None:
+        return None
+    return {
+        "step_version": generation.version,
+        "model_id": generation.model_id,
+        "activated_at": generation.activated_at,
+        "activated_by": generation.activated_by,
+    }
 
 
 def create_app(
@@ -177,6 +199,63 @@ def create_app(
             # Another owner's backfill (or one of all owners) is "not found" for an owner-scoped token.
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Dagster has no backfill {backfill_id}")
         return progress
+
+    def global_admin(principal: Annotated[Principal, Depends(admin)]) -> Principal:
+        if principal.owner_id is not None:  # a flip changes what every owner's searches read
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail="an owner-scoped token cannot change generations")
+        return principal
+
+    @router.get("/embedding-spec")
+    def embedding_spec(principal: Annotated[Principal, Depends(admin)]) -> dict:
+        """Per step: the spec's version, the model expected, the active and previous generations and the
+        candidate's coverage (partitions per state, items done)."""
+        try:
+            with resources["db"].engine.connect() as conn:
+                models = expected_models(conn, resources)
+                active, previous = active_generations(conn), previous_generations(conn)
+                steps = {}
+                for step in STEPS:
+                    covered = coverage(conn, step, models)
+                    steps[step.name] = {
+                        "asset_key": step.asset_key,
+                        "step_version": step.version,
+                        "model_id": models[step.name],
+                        "active": _generation_out(active.get(step.name)),
+                        "previous": _generation_out(previous.get(step.name)),
+                        "candidate_coverage": covered.as_dict(),
+                    }
+        except DatabaseUnavailableError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        return {"spec_version": LATEST_EMBEDDING_SPEC_VERSION, "steps": steps}
+
+    @router.post("/generations/{step_name}/{action}")
+    def flip_generation(
+        step_name: Annotated[str, Path(pattern="^[a-z_]{1,40}$")],
+        action: Annotated[str, Path(pattern="^(activate|rollback)$")],
+        principal: Annotated[Principal, Depends(global_admin)],
+        force: bool = False,
+    ) -> dict:
+        """Make a step's candidate (``activate``, ``force`` below full coverage) or its previous generation
+        (``rollback``) the one searches read; written to the audit trail with the token's subject."""
+        try:
+            step = step_named(step_name)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc.args[0])) from None
+        actor, reason = f"admin api: {principal.subject}", f"POST {action}"
+        try:
+            with resources["db"].transaction() as conn:
+                if action == "activate":
+                    models = expected_models(conn, resources)
+                    flipped = activate(conn, step, models, actor=actor, reason=reason, force=force)
+                else:
+                    flipped = rollback(conn, step.name, actor=actor, reason=reason)
+        except ActivationError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+        except DatabaseUnavailableError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        if step.name == "scene_search":
+            align_alias(resources["db"], resources["search_index"])
+        return {"step": step.name, "changed": flipped is not None, "active": _generation_out(flipped)}
 
     app = FastAPI(title="Heimdex admin API", version=LATEST_EMBEDDING_SPEC_VERSION)
     app.include_router(router)

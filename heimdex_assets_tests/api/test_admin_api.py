@@ -12,6 +12,7 @@ import dagster as dg
 import jwt
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from heimdex_assets.api import create_app
 from heimdex_assets.resources import SearchIndex
@@ -229,3 +230,33 @@ def test_an_owner_scoped_admin_queues_backfills_of_its_owner_and_reads_their_pro
 
     response = client.get(f"{URL}/nonesuch", headers=headers)
     assert (response.status_code, response.json()["detail"]) == (404, "Dagster has no backfill nonesuch")
+
+
+def test_generations_are_shown_flipped_and_rolled_back_by_a_global_admin_only(client, db, rows, resources, instance):
+    from heimdex_assets.assets import scene_text_embeddings
+    from heimdex_assets_tests.conftest import materialize_videos
+
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=2)
+    spec = client.get("/v1/admin/embedding-spec", headers=bearer(token()))
+    assert spec.status_code == 200
+    text_step = spec.json()["steps"]["scene_text"]
+    assert text_step["active"] is None and text_step["candidate_coverage"]["states"] == {"missing": 1}
+    refused = client.post("/v1/admin/generations/scene_text/activate", headers=bearer(token()))
+    assert refused.status_code == 409 and "does not cover every partition" in refused.json()["detail"]
+
+    materialize_videos([scene_text_embeddings], [str(video)], resources, instance)  # complete: flips by itself
+    text_step = client.get("/v1/admin/embedding-spec", headers=bearer(token())).json()["steps"]["scene_text"]
+    assert text_step["active"]["model_id"] == resources["text_embedder"].model_id
+    assert text_step["candidate_coverage"]["items_done"] == 4 and text_step["candidate_coverage"]["complete"]
+
+    scoped = bearer(token(owner_id=owner))
+    assert client.post("/v1/admin/generations/scene_text/rollback", headers=scoped).status_code == 403
+    nothing = client.post("/v1/admin/generations/scene_text/rollback", headers=bearer(token()))
+    assert nothing.status_code == 409 and "no previous generation" in nothing.json()["detail"]
+    again = client.post("/v1/admin/generations/scene_text/activate", headers=bearer(token()))
+    assert again.status_code == 200 and again.json()["changed"] is False
+    assert client.post("/v1/admin/generations/nope/activate", headers=bearer(token())).status_code == 404
+    with db.engine.connect() as conn:
+        actors = conn.execute(text("SELECT actor FROM generation_events ORDER BY id")).scalars().all()
+    assert actors[0].startswith("run ")  # the automatic flip; refused and no-op requests leave no event
