@@ -44,7 +44,7 @@ from heimdex_assets.db.embedded import EmbeddedPostgres
 from heimdex_assets.freshness import partition_states, summarize
 from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess
 from heimdex_assets.resources import AppDatabase
-from heimdex_assets.runs import Partitions, StepRun, _write_partition
+from heimdex_assets.runs import LEDGER_UPSERT_SQL, Partitions, StepRun, _write_partition
 from heimdex_assets.steps import STEPS, Step
 from heimdex_assets.steps import step as step_named
 
@@ -154,19 +154,6 @@ LEDGER_SQL = """INSERT INTO partition_ledger (step, partition_id, step_version, 
     SELECT :step, i.partition_id, :version, :model, min(i.owner_id::text)::uuid, CAST(:snap AS pg_snapshot),
            pg_current_xact_id(), count(*), 0, NULL, {bytes}, now()
     FROM items i GROUP BY i.partition_id"""
-
-# runs._write_partition's ledger upsert, verbatim (timed on its own, outside _write_partition).
-LEDGER_UPSERT = """INSERT INTO partition_ledger AS l (step, partition_id, step_version, model_id, owner_id,
-       read_snapshot, written_xid, items, failed, retry_at, input_bytes, written_at)
-   SELECT :step, :p, :version, :model, :owner, CAST(:snap AS pg_snapshot), pg_current_xact_id(), :items,
-          count(*), min(retry_at), :bytes, now()
-   FROM embedding_failures WHERE step = :step AND partition_id = :p AND step_version = :version
-        AND model_id = :model AND item_id = ANY(:current)
-   ON CONFLICT (step, partition_id, step_version, model_id) DO UPDATE SET
-       owner_id = EXCLUDED.owner_id, read_snapshot = EXCLUDED.read_snapshot,
-       written_xid = EXCLUDED.written_xid, items = EXCLUDED.items,
-       failed = EXCLUDED.failed, retry_at = EXCLUDED.retry_at, input_bytes = EXCLUDED.input_bytes,
-       written_at = now()"""
 
 
 def log(msg: str) -> None:
@@ -465,7 +452,7 @@ def time_ledger_writes(
             }
             t = time.perf_counter()
             with conn.begin():
-                conn.execute(text(LEDGER_UPSERT), params)
+                conn.execute(text(LEDGER_UPSERT_SQL), params)
             alone.append(time.perf_counter() - t)
     per_kind: dict[str, float] = {}
     for sql, _, sec in statements:

@@ -225,7 +225,7 @@ def status(args: argparse.Namespace) -> dict:
 
     Reads the app database (and asks the search index for its identity); loads no model."""
     from heimdex_assets.freshness import partition_states, summarize
-    from heimdex_assets.generations import active_generations, previous_generations
+    from heimdex_assets.generations import active_generations, generation_dict, previous_generations
     from heimdex_assets.models import configured_models, deployment_models
     from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
     from heimdex_assets.steps import STEPS
@@ -240,8 +240,8 @@ def status(args: argparse.Namespace) -> dict:
             states = partition_states(conn, step, models)
             serving = active.get(step.name)
             assets[step.asset_key] = {
-                "active_generation": _generation_dict(serving),
-                "previous_generation": _generation_dict(previous.get(step.name)),
+                "active_generation": generation_dict(serving),
+                "previous_generation": generation_dict(previous.get(step.name)),
                 "candidate_is_active": serving is not None and serving.key == (step.version, models[step.name]),
                 "step_version": step.version,
                 "model_id": models[step.name],
@@ -251,17 +251,6 @@ def status(args: argparse.Namespace) -> dict:
                 "failed_items": sum(s.failed_items for s in states.values()),
             }
     return {"spec_version": LATEST_EMBEDDING_SPEC_VERSION, "assets": assets}
-
-
-def _generation_dict(generation: object | None) -> dict | None:
-    if generation is None:
-        return None
-    return {
-        "step_version": generation.version,
-        "model_id": generation.model_id,
-        "activated_at": generation.activated_at,
-        "activated_by": generation.activated_by,
-    }
 
 
 def _print_status(result: dict) -> None:

@@ -41,6 +41,18 @@ class Generation:
         return (self.version, self.model_id)
 
 
+def generation_dict(generation: Generation | None) -> dict[str, Any] | None:
+    """A generation for JSON answers (CLI, API); None stays None."""
+    if generation is None:
+        return None
+    return {
+        "step_version": generation.version,
+        "model_id": generation.model_id,
+        "activated_at": generation.activated_at,
+        "activated_by": generation.activated_by,
+    }
+
+
 @dataclass(frozen=True)
 class Coverage:
     """How much of a generation is written: partitions per state, items done of items."""

@@ -35,6 +35,19 @@ from heimdex_assets.steps import Item, Step
 OWNER_SCOPE_TAG = "heimdex/owner_id"
 FORCE_TAG = "heimdex/force"
 RETRY_FAILED_TAG = "heimdex/retry_failed"
+# A partition's ledger row: what the run read (its snapshot) and found, its own transaction, and the
+# failures now recorded for the partition's items.
+LEDGER_UPSERT_SQL = """INSERT INTO partition_ledger AS l (step, partition_id, step_version, model_id, owner_id,
+       read_snapshot, written_xid, items, failed, retry_at, input_bytes, written_at)
+   SELECT :step, :p, :version, :model, :owner, CAST(:snap AS pg_snapshot), pg_current_xact_id(), :items,
+          count(*), min(retry_at), :bytes, now()
+   FROM embedding_failures WHERE step = :step AND partition_id = :p AND step_version = :version
+        AND model_id = :model AND item_id = ANY(:current)
+   ON CONFLICT (step, partition_id, step_version, model_id) DO UPDATE SET
+       owner_id = EXCLUDED.owner_id, read_snapshot = EXCLUDED.read_snapshot,
+       written_xid = EXCLUDED.written_xid, items = EXCLUDED.items,
+       failed = EXCLUDED.failed, retry_at = EXCLUDED.retry_at, input_bytes = EXCLUDED.input_bytes,
+       written_at = now()"""
 # PostgreSQL array types of the key columns' SQLAlchemy types, to pass a batch of keys as arrays.
 _SQL_ARRAY = {"Uuid": "uuid[]", "Text": "text[]", "Integer": "integer[]"}
 
@@ -345,19 +358,7 @@ def _write_partition(
     )
     owner_id = items[0].owner_id if items else (pid if step.partitioning == "owner" else _video_owner(conn, pid))
     conn.execute(
-        text(
-            """INSERT INTO partition_ledger AS l (step, partition_id, step_version, model_id, owner_id, read_snapshot,
-                   written_xid, items, failed, retry_at, input_bytes, written_at)
-               SELECT :step, :p, :version, :model, :owner, CAST(:snap AS pg_snapshot), pg_current_xact_id(), :items,
-                      count(*), min(retry_at), :bytes, now()
-               FROM embedding_failures WHERE step = :step AND partition_id = :p AND step_version = :version
-                    AND model_id = :model AND item_id = ANY(:current)
-               ON CONFLICT (step, partition_id, step_version, model_id) DO UPDATE SET
-                   owner_id = EXCLUDED.owner_id, read_snapshot = EXCLUDED.read_snapshot,
-                   written_xid = EXCLUDED.written_xid, items = EXCLUDED.items,
-                   failed = EXCLUDED.failed, retry_at = EXCLUDED.retry_at, input_bytes = EXCLUDED.input_bytes,
-                   written_at = now()"""
-        ),
+        text(LEDGER_UPSERT_SQL),
         gen
         | {
             "step": step.name,

@@ -36,6 +36,7 @@ from heimdex_assets.generations import (
     activate,
     active_generations,
     coverage,
+    generation_dict,
     previous_generations,
     rollback,
 )
@@ -113,17 +114,6 @@ def scoped_request(body: ReprocessBody, principal: Principal) -> ReprocessReques
         force=body.force,
         retry_failed=body.retry_failed,
     )
-
-
-def _generation_out(generation: object | None) -> dict | None:
-    if generation is None:
-        return None
-    return {
-        "step_version": generation.version,
-        "model_id": generation.model_id,
-        "activated_at": generation.activated_at,
-        "activated_by": generation.activated_by,
-    }
 
 
 def create_app(
@@ -220,8 +210,8 @@ def create_app(
                         "asset_key": step.asset_key,
                         "step_version": step.version,
                         "model_id": models[step.name],
-                        "active": _generation_out(active.get(step.name)),
-                        "previous": _generation_out(previous.get(step.name)),
+                        "active": generation_dict(active.get(step.name)),
+                        "previous": generation_dict(previous.get(step.name)),
                         "candidate_coverage": covered.as_dict(),
                     }
         except DatabaseUnavailableError as exc:
@@ -255,7 +245,7 @@ def create_app(
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
         if step.name == "scene_search":
             align_alias(resources["db"], resources["search_index"])
-        return {"step": step.name, "changed": flipped is not None, "active": _generation_out(flipped)}
+        return {"step": step.name, "changed": flipped is not None, "active": generation_dict(flipped)}
 
     app = FastAPI(title="Heimdex admin API", version=LATEST_EMBEDDING_SPEC_VERSION)
     app.include_router(router)
