@@ -34,11 +34,6 @@ FAILURE_BACKOFF_CAP = timedelta(days=7)
 ITEM_LEVEL_BATCH = 5000  # partitions compared item by item per query
 
 
-def failure_backoff(attempts: int) -> timedelta:
-    """How long an item that failed ``attempts`` times in a row on the same input waits."""
-    return min(FAILURE_BACKOFF_CAP, FAILURE_BACKOFF_BASE * 2 ** max(0, min(attempts - 1, 20)))
-
-
 class PartitionState(NamedTuple):
     """One partition's state for one step, with its item counts and the model bill's input size."""
 
