@@ -99,9 +99,5 @@ def require_model(conn: Connection, step: str, model_id: str, worker: str = "thi
             f"{step}: {worker} is configured for {model_id}, but the deployment expects {row.model_id} "
             f"(recorded {row.recorded_at:%Y-%m-%d %H:%M} by {row.recorded_by}); configure it to match, "
             "or run `heimdex models use` to move the deployment to the configured models"
-            + (
-                "; the demo recorded placeholder weights: set HEIMDEX_CLIP_MODEL=tiny-random"
-                if "tiny-random" in row.model_id
-                else ""
-            )
+            + (PLACEHOLDER_HINT if "tiny-random" in row.model_id else "")
         )
