@@ -150,7 +150,11 @@ def reprocess(args: argparse.Namespace) -> dict:
     }
     if failed:
         raise CliError(f"{len(failed)} run(s) failed; first: {failed[0].error}")
-    return result | {"message": f"reprocessed {plan.video_count} video(s) with spec {LATEST_EMBEDDING_SPEC_VERSION}"}
+    redone = sum(len(a.partitions) for a in plan.assets.values())
+    return result | {
+        "message": f"redid {redone} asset partition(s) across {plan.video_count} video(s) in scope, "
+        f"with spec {LATEST_EMBEDDING_SPEC_VERSION}"
+    }
 
 
 def _print_reprocess(result: dict) -> None:
