@@ -204,7 +204,7 @@ def partition_states(
         c = counted.get(uuid.UUID(key))
         if c is not None:
             if not current and not ever and not c.has_rows:
-                state = "missing" if c.items else "fresh"
+                state = "missing"
             elif c.stale or c.stray_rows or (current and c.items != items):
                 # Fewer items than the run wrote: some were deleted, with their rows (foreign keys)
                 # but not with what lives outside the database (their search documents).
@@ -212,9 +212,12 @@ def partition_states(
             else:
                 state = "failed" if c.failed else "fresh"
             states[key] = PartitionState(key, state, c.items, c.stale, c.failed, c.input_bytes, c.retry_at)
-        else:  # another generation's ledger, inputs unchanged since: every item is to redo
+        elif not current and not ever:  # never written, and no items: one (cheap) run records it
+            states[key] = PartitionState(key, "missing", 0, 0, 0, 0)
+        else:  # another generation's ledger, inputs unchanged since: every item is to redo (even none:
+            # the candidate covers a partition only once a run has written its ledger)
             n = prev_items or 0
-            states[key] = PartitionState(key, "stale" if n else "fresh", n, n, 0, int(prev_bytes or 0))
+            states[key] = PartitionState(key, "stale", n, n, 0, int(prev_bytes or 0))
     return states
 
 

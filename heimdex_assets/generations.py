@@ -191,8 +191,31 @@ def activate(
     return Generation(step.name, *candidate)
 
 
+def _some_partition_unwritten(conn: Connection, step: Step, models: dict[str, str]) -> bool:
+    """Whether some partition has no ledger row of the candidate yet: the cheap answer (it stops at the
+    first one) while a backfill is under way, so that each run does not pay for a full coverage count."""
+    universe = (
+        "SELECT v.id FROM videos v WHERE v.status = 'READY'"
+        if step.partitioning == "video"
+        else "SELECT o.id FROM owners o"
+    )
+    return conn.execute(
+        text(
+            f"""SELECT EXISTS (SELECT 1 FROM ({universe}) u WHERE NOT EXISTS (
+                    SELECT 1 FROM partition_ledger l WHERE l.step = :step AND l.partition_id = u.id
+                    AND l.step_version = :version AND l.model_id = :model))"""
+        ),
+        {"step": step.name, "version": step.version, "model": models[step.name]},
+    ).scalar_one()
+
+
 def activate_if_complete(conn: Connection, step: Step, models: dict[str, str], actor: str) -> Generation | None:
     """The automatic flip after a run: the candidate becomes active once it covers every partition."""
+    active = active_generations(conn).get(step.name)
+    if active is not None and active.key == (step.version, models[step.name]):
+        return None
+    if _some_partition_unwritten(conn, step, models):
+        return None
     try:
         return activate(conn, step, models, actor=actor, reason="candidate covers every partition")
     except ActivationError:

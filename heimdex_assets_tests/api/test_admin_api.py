@@ -120,8 +120,13 @@ def test_unknown_video_and_another_owners_video_are_the_same_404(client, rows):
     assert details[unknown] == details[video_b] == f"video <id> not found for owner {a}"
 
 
-def test_a_fresh_video_is_nothing_to_do(client, rows):
-    video = rows.video(rows.owner(), n_scenes=0)
+def test_a_fresh_video_is_nothing_to_do(client, rows, resources, instance, tmp_path):
+    from heimdex_assets.assets import VIDEO_ASSETS
+    from heimdex_assets_tests.conftest import materialize_videos
+
+    video = rows.video(rows.owner(), n_scenes=1)
+    search_index = SearchIndex(sqlite_path=str(tmp_path / "search.sqlite"))  # the client's index
+    materialize_videos(VIDEO_ASSETS, [str(video)], resources | {"search_index": search_index}, instance)
     response = client.post(URL, json={"scope": "video", "video_id": str(video)}, headers=bearer(token()))
     assert response.status_code == 200, response.text
     assert response.json() == {

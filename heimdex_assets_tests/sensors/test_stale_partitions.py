@@ -5,7 +5,7 @@ import dagster as dg
 import pytest
 from sqlalchemy import select, update
 
-from heimdex_assets.assets import DERIVED_ASSETS, SOURCE_ASSETS, VIDEO_ASSETS, scene_clip_embeddings
+from heimdex_assets.assets import DERIVED_ASSETS, OWNER_ASSETS, SOURCE_ASSETS, VIDEO_ASSETS, scene_clip_embeddings
 from heimdex_assets.db.tables import embedding_failures, scenes
 from heimdex_assets.freshness import partition_states
 from heimdex_assets.launch import RANGE_END_TAG, RANGE_START_TAG
@@ -17,7 +17,7 @@ from heimdex_assets.steps import SCENE_CLIP
 from heimdex_assets_tests.conftest import materialize_videos
 
 ALL_VIDEO_ASSETS = {"scene_text_embeddings", "scene_clip_embeddings", "scene_person_embeddings", "scene_search_index"}
-BY_KEY = {a.key.to_user_string(): a for a in VIDEO_ASSETS}
+BY_KEY = {a.key.to_user_string(): a for a in DERIVED_ASSETS}
 
 
 @pytest.fixture
@@ -72,10 +72,13 @@ def execute(request: dg.RunRequest, run_resources, instance) -> None:
 
 @pytest.fixture
 def processed(rows, run_resources, instance):
-    """An owner with two videos whose every asset is materialised."""
+    """An owner with two videos whose every asset is materialised (the owner's too: it has no persons,
+    and a partition never written is missing however few items it has)."""
     owner = rows.owner()
     videos = [rows.video(owner, 2) for _ in range(2)]
     materialize_videos(VIDEO_ASSETS, [str(v) for v in videos], run_resources, instance)
+    instance.add_dynamic_partitions("owners", [str(owner)])
+    dg.materialize(OWNER_ASSETS, partition_key=str(owner), resources=run_resources, instance=instance)
     return owner, videos
 
 
@@ -121,11 +124,16 @@ def test_a_range_request_executes_through_its_tags(rows, run_resources, instance
     owner = rows.owner()
     keys = [str(rows.video(owner, 1)) for _ in range(3)]
     instance.add_dynamic_partitions("videos", keys)
-    (request,) = tick(instance, run_resources).run_requests
+    instance.add_dynamic_partitions("owners", [str(owner)])  # never written: missing, even without persons
+    requests = tick(instance, run_resources).run_requests
+    (request,) = [r for r in requests if selected(r) == ALL_VIDEO_ASSETS]
     assert request.partition_key is None
     assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == (keys[0], keys[-1])
+    (owner_request,) = [r for r in requests if r is not request]
+    assert owner_request.partition_key == str(owner)
 
-    execute(request, run_resources, instance)
+    for r in requests:
+        execute(r, run_resources, instance)
     assert tick(instance, run_resources).skip_message == "every partition is fresh"
 
 
