@@ -1,11 +1,12 @@
 """Which partitions must be redone: derived from the steps' definitions, counted both ways.
 
 A partition (a READY video, or an owner) is, for a step and the model identity expected of it:
-- ``missing`` when nothing was ever written for it (for the search step: in the current index)
-  and it has items;
+- ``missing`` when nothing was ever written for it (for the search step: in the current index),
+  even when it has no items: a run records it once;
 - ``stale`` when an item has no row of the current generation (step version, model) with its
   current input identity, when a row of that generation has no item any more (deleted scene,
-  cleared channel, person without READY photos), or when a failure's backoff has passed;
+  cleared channel, person without READY photos), when a failure's backoff has passed, or when
+  only another generation was ever written for it;
 - ``failed`` when its only undone items failed on their current input and wait for their backoff;
 - ``fresh`` otherwise.
 
