@@ -148,7 +148,8 @@ ROWS_SQL = {
     ],
 }
 
-# The ledger row of every partition with items, as runs._write_partition writes it (no failures).
+# The ledger row of every partition with items, as runs._write_partition writes it (no failures);
+# the partitions without items get theirs just after.
 LEDGER_SQL = """INSERT INTO partition_ledger (step, partition_id, step_version, model_id, owner_id, read_snapshot,
                                    written_xid, items, failed, retry_at, input_bytes, written_at)
     SELECT :step, i.partition_id, :version, :model, min(i.owner_id::text)::uuid, CAST(:snap AS pg_snapshot),
@@ -272,6 +273,22 @@ def materialise(db: AppDatabase, step: Step) -> int:
         for sql in ROWS_SQL[step.name]:
             conn.execute(text(sql), params)
         n = conn.execute(text(LEDGER_SQL.format(bytes=bytes_sql)), params).rowcount
+        # A run writes a ledger row for a partition without items too (an owner without persons).
+        universe = (
+            "SELECT id, owner_id FROM videos WHERE status = 'READY'"
+            if step.partitioning == "video"
+            else "SELECT id, id AS owner_id FROM owners"
+        )
+        n += conn.execute(
+            text(
+                f"""INSERT INTO partition_ledger (step, partition_id, step_version, model_id, owner_id, read_snapshot,
+                        written_xid, items, failed, retry_at, input_bytes, written_at)
+                    SELECT :step, u.id, :version, :model, u.owner_id, CAST(:snap AS pg_snapshot),
+                           pg_current_xact_id(), 0, 0, NULL, 0, now()
+                    FROM ({universe}) u ON CONFLICT DO NOTHING"""
+            ),
+            params,
+        ).rowcount
     return n
 
 
