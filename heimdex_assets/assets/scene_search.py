@@ -9,7 +9,7 @@ partition, or on ``heimdex activate``/``rollback``.
 
 import dagster as dg
 
-from heimdex_assets.generations import active_generations
+from heimdex_assets.generations import Generation, active_generations
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.resources import AppDatabase, SearchIndex
 from heimdex_assets.resources.search_index import BulkIndexError
@@ -17,23 +17,17 @@ from heimdex_assets.runs import Batch, ItemOutput, raise_for_rejected, run_step
 from heimdex_assets.steps import SCENE_SEARCH as STEP
 
 
-def align_alias(db: AppDatabase, search_index: SearchIndex) -> str | None:
+def align_alias(db: AppDatabase, search_index: SearchIndex) -> tuple[Generation | None, str | None]:
     """Point the alias that lexical search reads at the active search generation's index (one atomic
-    call); returns the version it points at. Before a first complete index, it stays where it is."""
+    call). Returns that generation and the version the alias points at; before a first complete index,
+    the alias stays where it is."""
     with db.engine.connect() as conn:
         active = active_generations(conn).get(STEP.name)
     current = search_index.active_version()
     if active is not None and active.version != current and search_index.index_identity(active.version):
         search_index.activate(active.version)
-        return active.version
-    return current
-
-
-def _serving(db: AppDatabase, identity: str) -> bool:
-    """Whether the active search generation is this version's index."""
-    with db.engine.connect() as conn:
-        active = active_generations(conn).get(STEP.name)
-    return active is not None and active.key == (STEP.version, identity)
+        current = active.version
+    return active, current
 
 
 @dg.asset(
@@ -73,8 +67,8 @@ def scene_search_index(
         }
 
     run = run_step(context, db, STEP, {STEP.name: identity}, compute)
-    active = align_alias(db, search_index)
-    complete = _serving(db, identity)  # this index is the active search generation
+    serving, active = align_alias(db, search_index)
+    complete = serving is not None and serving.key == (STEP.version, identity)  # this index serves searches
     if not complete:
         context.log.info(f"{index} does not cover every scene yet; searches stay on {active}")
     raise_for_rejected(run.partitions.rejected)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     ARRAY,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -224,10 +225,11 @@ partition_ledger = Table(
     Column("model_id", Text, primary_key=True),
     Column("owner_id", Uuid, nullable=False),
     Column("read_snapshot", Text, nullable=False),  # pg_snapshot
+    Column("written_xid", Text, nullable=False),  # xid8 of the run's write transaction
     Column("items", Integer, nullable=False),
     Column("failed", Integer, nullable=False),
     Column("retry_at", DateTime(timezone=True)),
-    Column("input_bytes", Integer, nullable=False),
+    Column("input_bytes", BigInteger, nullable=False),
     Column("written_at", DateTime(timezone=True)),
 )
 
