@@ -228,8 +228,16 @@ def status(args: argparse.Namespace) -> dict:
     """Per asset: partitions fresh / stale / missing / failed, with the versions and models in force.
 
     Reads the app database (and asks the search index for its identity); loads no model."""
+    from sqlalchemy import text
+
     from heimdex_assets.freshness import partition_states, summarize
-    from heimdex_assets.generations import active_generations, generation_dict, previous_generations
+    from heimdex_assets.generations import (
+        active_generations,
+        candidate_started,
+        generation_dict,
+        last_refusal,
+        previous_generations,
+    )
     from heimdex_assets.models import configured_models, deployment_models
     from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
     from heimdex_assets.steps import STEPS
@@ -240,13 +248,28 @@ def status(args: argparse.Namespace) -> dict:
     with resources["db"].engine.connect() as conn:
         models = deployment_models(conn, configured)
         active, previous = active_generations(conn), previous_generations(conn)
+        now = conn.execute(text("SELECT now()")).scalar_one()
         for step in STEPS:
             states = partition_states(conn, step, models)
             serving = active.get(step.name)
+            is_active = serving is not None and serving.key == (step.version, models[step.name])
+            items = sum(s.items for s in states.values())
+            stale, failed = sum(s.stale_items for s in states.values()), sum(s.failed_items for s in states.values())
+            started = None if is_active else candidate_started(conn, step.name, step.version, models[step.name])
             assets[step.asset_key] = {
                 "active_generation": generation_dict(serving),
                 "previous_generation": generation_dict(previous.get(step.name)),
-                "candidate_is_active": serving is not None and serving.key == (step.version, models[step.name]),
+                "active_for_s": (now - serving.activated_at).total_seconds() if serving else None,
+                "candidate_is_active": is_active,
+                "candidate": None
+                if is_active
+                else {
+                    "items": items,
+                    "items_done": items - stale - failed,
+                    "items_failed": failed,
+                    "first_written_s_ago": (now - started).total_seconds() if started else None,
+                    "gate_refused": last_refusal(conn, step.name, step.version, models[step.name]),
+                },
                 "step_version": step.version,
                 "model_id": models[step.name],
                 "configured_model_id": configured[step.name],
@@ -270,14 +293,42 @@ def _print_status(result: dict) -> None:
     for asset_key, a in result["assets"].items():
         g = a["active_generation"]
         serving = f"{g['step_version']} / {g['model_id']}" if g else "nothing yet (no complete generation)"
-        building = "" if a["candidate_is_active"] else f"  (building {a['step_version']} / {a['model_id']})"
-        print(f"  {asset_key:<26} {serving}{building}")
+        if g:
+            gate = g.get("evaluation") or {}
+            serving += f", active for {_age(a['active_for_s'])}"
+            if gate.get("candidate_mrr") is not None:
+                serving += f", MRR@10 {gate['candidate_mrr']:.3f}"
+        print(f"  {asset_key:<26} {serving}")
+        c = a["candidate"]
+        if c is not None:
+            begun = f", first written {_age(c['first_written_s_ago'])} ago" if c["first_written_s_ago"] else ""
+            print(
+                f"    candidate {a['step_version']} / {a['model_id']}: {c['items_done']}/{c['items']} items done, "
+                f"{c['items_failed']} failed{begun}"
+            )
+            refused = c["gate_refused"]
+            if refused:
+                print(
+                    f"    refused by the evaluation gate: MRR@10 {refused['candidate_mrr']} vs active "
+                    f"{refused['active_mrr']} (margin {refused['margin']}, {refused['queries']} queries); "
+                    "`heimdex activate --force` overrides"
+                )
     for asset_key, a in result["assets"].items():
         if a["configured_model_id"] != a["model_id"] and not asset_key.startswith("scene_search"):
             print(
                 f"note: {asset_key}: this process is configured for {a['configured_model_id']}; "
                 "workers so configured refuse to write (`heimdex models use` moves the deployment)"
             )
+
+
+def _age(seconds: float | None) -> str:
+    """``seconds`` as a short age: 45s, 12m, 5h, 3d."""
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def models_command(args: argparse.Namespace) -> dict:
@@ -332,18 +383,21 @@ def generation_command(args: argparse.Namespace) -> dict:
     with resources["db"].transaction() as conn:
         if args.action == "activate":
             models = expected_models(conn, resources)
-            flipped = activate(conn, step, models, actor=actor, reason=reason, force=args.force)
+            flipped = activate(conn, step, models, actor=actor, reason=reason, force=args.force, resources=resources)
         else:
             flipped = rollback(conn, step.name, actor=actor, reason=reason)
     if step.name == "scene_search":
         align_alias(resources["db"], resources["search_index"])
     if flipped is None:
         return {"step": step.name, "changed": False, "message": f"{step.name}: the candidate is already active"}
+    gate = flipped.evaluation
+    measured = f" (MRR@10 {gate['candidate_mrr']} vs {gate['active_mrr']})" if gate else ""
     return {
         "step": step.name,
         "changed": True,
         "active": {"step_version": flipped.version, "model_id": flipped.model_id},
-        "message": f"{step.name}: searches now read {flipped.version} / {flipped.model_id}",
+        "evaluation": gate,
+        "message": f"{step.name}: searches now read {flipped.version} / {flipped.model_id}{measured}",
     }
 
 

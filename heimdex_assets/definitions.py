@@ -4,12 +4,17 @@ import dagster as dg
 
 from heimdex_assets.assets import DERIVED_ASSETS, SOURCE_ASSETS
 from heimdex_assets.schedules import prune_generations_job, prune_generations_schedule
-from heimdex_assets.sensors import owner_discovery_sensor, stale_partitions_sensor, video_discovery_sensor
+from heimdex_assets.sensors import (
+    generation_activation_sensor,
+    owner_discovery_sensor,
+    stale_partitions_sensor,
+    video_discovery_sensor,
+)
 from heimdex_assets.settings import resources_from_env
 
 defs = dg.Definitions(
     assets=[*SOURCE_ASSETS, *DERIVED_ASSETS],
-    sensors=[video_discovery_sensor, owner_discovery_sensor, stale_partitions_sensor],
+    sensors=[video_discovery_sensor, owner_discovery_sensor, stale_partitions_sensor, generation_activation_sensor],
     jobs=[prune_generations_job],
     schedules=[prune_generations_schedule],
     resources=resources_from_env(),

@@ -3,26 +3,38 @@
 A generation is (step, step version, model identity). The spec's current version under the model
 the deployment expects is the step's *candidate*: the assets write it, freshness measures it. The
 *active* generation is what every search reads; it changes only by a flip in one transaction:
-automatically once the candidate covers every partition (no partition stale or missing), or by
-``heimdex activate STEP`` (``--force`` below full coverage). ``heimdex rollback STEP`` swaps the
-active and the previous generation back. Every flip is written to ``generation_events``.
+automatically once the candidate covers every partition (no partition stale or missing) and passes
+the evaluation gate (``evaluation.py``: known-item MRR@10 no worse than the active one's beyond a
+margin), or by ``heimdex activate STEP`` (``--force`` skips both checks). ``heimdex rollback STEP``
+swaps the active and the previous generation back. Every flip, and every refusal by the gate, is
+written to ``generation_events``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, text
 
+from heimdex_assets.evaluation import Evaluation, evaluate, gate_margin
 from heimdex_assets.freshness import partition_states
 from heimdex_assets.steps import Step
 
 
 class ActivationError(ValueError):
     """A flip that cannot be made (incomplete candidate without --force, nothing to roll back to)."""
+
+
+class GateRefusedError(ActivationError):
+    """The evaluation gate found the candidate worse than the active generation; ``evaluation`` has the figures."""
+
+    def __init__(self, message: str, evaluation: Evaluation) -> None:
+        super().__init__(message)
+        self.evaluation = evaluation
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class Generation:
     activated_at: datetime | None = None
     activated_by: str | None = None
     reason: str | None = None
+    evaluation: dict | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -50,6 +63,7 @@ def generation_dict(generation: Generation | None) -> dict[str, Any] | None:
         "model_id": generation.model_id,
         "activated_at": generation.activated_at,
         "activated_by": generation.activated_by,
+        "evaluation": generation.evaluation,
     }
 
 
@@ -82,13 +96,14 @@ class Coverage:
 def _generations(conn: Connection, state: str) -> dict[str, Generation]:
     rows = conn.execute(
         text(
-            "SELECT step, step_version, model_id, activated_at, activated_by, reason FROM generations "
+            "SELECT step, step_version, model_id, activated_at, activated_by, reason, evaluation FROM generations "
             "WHERE state = :state"
         ),
         {"state": state},
     )
     return {
-        r.step: Generation(r.step, r.step_version, r.model_id, r.activated_at, r.activated_by, r.reason) for r in rows
+        r.step: Generation(r.step, r.step_version, r.model_id, r.activated_at, r.activated_by, r.reason, r.evaluation)
+        for r in rows
     }
 
 
@@ -135,7 +150,15 @@ def _lock(conn: Connection, step: str) -> None:
 
 
 def _flip(
-    conn: Connection, step: str, version: str, model_id: str, actor: str, reason: str, details: dict, action: str
+    conn: Connection,
+    step: str,
+    version: str,
+    model_id: str,
+    actor: str,
+    reason: str,
+    details: dict,
+    action: str,
+    evaluation: Evaluation | None = None,
 ) -> None:
     """Make (version, model_id) the active generation of ``step``; the active one becomes previous.
     The caller holds the step's lock (``_lock``) since it read what it decided on."""
@@ -146,15 +169,25 @@ def _flip(
         target,
     )
     conn.execute(text("UPDATE generations SET state = 'previous' WHERE step = :step AND state = 'active'"), target)
-    params = target | {"actor": actor, "reason": reason, "details": json.dumps(details), "action": action}
+    measured = json.dumps(evaluation.as_dict()) if evaluation is not None else None
+    params = target | {
+        "actor": actor,
+        "reason": reason,
+        "details": json.dumps(details),
+        "action": action,
+        "evaluation": measured,
+    }
     conn.execute(
         text(
             """INSERT INTO generations
-                   (step, step_version, model_id, state, activated_at, activated_by, reason, coverage)
-               VALUES (:step, :version, :model, 'active', now(), :actor, :reason, CAST(:details AS jsonb))
+                   (step, step_version, model_id, state, activated_at, activated_by, reason, coverage, evaluation)
+               VALUES (:step, :version, :model, 'active', now(), :actor, :reason, CAST(:details AS jsonb),
+                       CAST(:evaluation AS jsonb))
                ON CONFLICT (step, step_version, model_id) DO UPDATE SET state = 'active', activated_at = now(),
                    retired_at = NULL,
-                   activated_by = EXCLUDED.activated_by, reason = EXCLUDED.reason, coverage = EXCLUDED.coverage"""
+                   activated_by = EXCLUDED.activated_by, reason = EXCLUDED.reason, coverage = EXCLUDED.coverage,
+                   -- a rollback measures nothing: the figures of its last activation stay
+                   evaluation = COALESCE(EXCLUDED.evaluation, generations.evaluation)"""
         ),
         params,
     )
@@ -167,12 +200,66 @@ def _flip(
     )
 
 
+def _record_refusal(conn: Connection, step: Step, models: dict[str, str], actor: str, ev: Evaluation) -> None:
+    """A refusal is kept although the flip's transaction rolls back: in a transaction of its own."""
+    candidate = (step.version, models[step.name])
+    fingerprint = _fingerprint(conn, step, models)
+    with conn.engine.begin() as own:
+        own.execute(
+            text(
+                "INSERT INTO generation_events (step, step_version, model_id, action, actor, reason, details) "
+                "VALUES (:step, :version, :model, 'gate_refused', :actor, :reason, CAST(:details AS jsonb))"
+            ),
+            {
+                "step": step.name,
+                "version": candidate[0],
+                "model": candidate[1],
+                "actor": actor,
+                "reason": ev.summary(),
+                "details": json.dumps({"evaluation": ev.as_dict(), "fingerprint": fingerprint}),
+            },
+        )
+
+
+def last_refusal(conn: Connection, step: str, version: str, model_id: str) -> dict | None:
+    """The latest gate refusal of a generation (its figures and when), None if never refused."""
+    row = conn.execute(
+        text(
+            "SELECT at, details->'evaluation' AS evaluation FROM generation_events WHERE step = :step "
+            "AND step_version = :version AND model_id = :model AND action = 'gate_refused' ORDER BY id DESC LIMIT 1"
+        ),
+        {"step": step, "version": version, "model": model_id},
+    ).first()
+    return {"at": row.at.isoformat(), **row.evaluation} if row is not None else None
+
+
+def candidate_started(conn: Connection, step: str, version: str, model_id: str) -> datetime | None:
+    """When the first partition of a generation was written (None: not yet)."""
+    return conn.execute(
+        text(
+            "SELECT min(written_at) FROM partition_ledger WHERE step = :step AND step_version = :version "
+            "AND model_id = :model"
+        ),
+        {"step": step, "version": version, "model": model_id},
+    ).scalar()
+
+
 def activate(
-    conn: Connection, step: Step, models: dict[str, str], *, actor: str, reason: str, force: bool = False
+    conn: Connection,
+    step: Step,
+    models: dict[str, str],
+    *,
+    actor: str,
+    reason: str,
+    force: bool = False,
+    resources: Mapping[str, Any] | None = None,
 ) -> Generation | None:
     """Make the candidate of ``step`` active in ``conn``'s transaction; None when it already is.
 
-    Refused (ActivationError naming what is missing) below full coverage unless ``force``."""
+    Refused (ActivationError naming what is missing) below full coverage, and (GateRefusedError, with
+    the figures, also recorded as a ``gate_refused`` event) when the evaluation gate, run with the
+    models of ``resources``, finds it worse than the active generation; ``force`` skips both refusals
+    (the gate still runs and its figures are kept). Without ``resources`` the gate is not run."""
     candidate = (step.version, models[step.name])
     _lock(conn, step.name)
     active = active_generations(conn).get(step.name)
@@ -187,8 +274,21 @@ def activate(
             f"{step.name}: candidate {candidate[0]} / {candidate[1]} does not cover every partition yet ({missing} "
             f"of {covered.partitions}; items {covered.items_done}/{covered.items} done): use --force to activate anyway"
         )
-    _flip(conn, step.name, *candidate, actor, reason, {"coverage": covered.as_dict(), "forced": force}, "activate")
-    return Generation(step.name, *candidate)
+    evaluation = evaluate(conn, step, candidate, active, resources) if resources is not None else None
+    if evaluation is not None and not evaluation.passed and not force:
+        _record_refusal(conn, step, models, actor, evaluation)
+        raise GateRefusedError(
+            f"{step.name}: candidate {candidate[0]} / {candidate[1]} refused, {evaluation.summary()}: "
+            "use --force to activate anyway",
+            evaluation,
+        )
+    details = {
+        "coverage": covered.as_dict(),
+        "forced": force,
+        "evaluation": evaluation.as_dict() if evaluation is not None else None,
+    }
+    _flip(conn, step.name, *candidate, actor, reason, details, "activate", evaluation)
+    return Generation(step.name, *candidate, evaluation=evaluation.as_dict() if evaluation is not None else None)
 
 
 def _some_partition_unwritten(conn: Connection, step: Step, models: dict[str, str]) -> bool:
@@ -209,17 +309,63 @@ def _some_partition_unwritten(conn: Connection, step: Step, models: dict[str, st
     ).scalar_one()
 
 
-def activate_if_complete(conn: Connection, step: Step, models: dict[str, str], actor: str) -> Generation | None:
-    """The automatic flip after a run: the candidate becomes active once it covers every partition."""
+def _fingerprint(conn: Connection, step: Step, models: dict[str, str]) -> str:
+    """What a gate verdict on the candidate depends on: the margin, the active generation, and the
+    candidate's rows (their count and newest write: a run that rewrites nothing leaves both alone)."""
+    active = active_generations(conn).get(step.name)
+    rows = conn.execute(
+        text(
+            f"SELECT count(*), max(created_at) FROM {step.table.name} "
+            "WHERE step_version = :version AND model_id = :model"
+        ),
+        {"version": step.version, "model": models[step.name]},
+    ).one()
+    return f"{gate_margin()}|{active.key if active else None}|{rows[0]}|{rows[1]}"
+
+
+def _refused_unchanged(conn: Connection, step: Step, models: dict[str, str]) -> bool:
+    """Whether the gate's last refusal of the candidate still holds: nothing it measured has changed."""
+    refused = conn.execute(
+        text(
+            "SELECT details->>'fingerprint' FROM generation_events WHERE step = :step AND step_version = :version "
+            "AND model_id = :model AND action = 'gate_refused' ORDER BY id DESC LIMIT 1"
+        ),
+        {"step": step.name, "version": step.version, "model": models[step.name]},
+    ).scalar()
+    return refused is not None and refused == _fingerprint(conn, step, models)
+
+
+@dataclass(frozen=True)
+class AutoActivation:
+    """What the automatic flip did: ``activated`` (or None), and why not when it did not."""
+
+    activated: Generation | None
+    why_not: str = ""
+    evaluation: dict | None = None
+
+
+def activate_if_complete(
+    conn: Connection, step: Step, models: dict[str, str], actor: str, resources: Mapping[str, Any] | None = None
+) -> AutoActivation:
+    """The automatic flip after a run: the candidate becomes active once it covers every partition and
+    passes the evaluation gate (run with ``resources``' models)."""
     active = active_generations(conn).get(step.name)
     if active is not None and active.key == (step.version, models[step.name]):
-        return None
+        return AutoActivation(None, "already active")
     if _some_partition_unwritten(conn, step, models):
-        return None
+        return AutoActivation(None, "candidate not complete")
+    if _refused_unchanged(conn, step, models):
+        refused = last_refusal(conn, step.name, step.version, models[step.name])
+        return AutoActivation(None, "refused by the evaluation gate (unchanged since)", refused)
     try:
-        return activate(conn, step, models, actor=actor, reason="candidate covers every partition")
-    except ActivationError:
-        return None
+        flipped = activate(
+            conn, step, models, actor=actor, reason="candidate covers every partition", resources=resources
+        )
+        return AutoActivation(flipped, "" if flipped else "already active", flipped.evaluation if flipped else None)
+    except GateRefusedError as exc:
+        return AutoActivation(None, str(exc), exc.evaluation.as_dict())
+    except ActivationError as exc:
+        return AutoActivation(None, str(exc))
 
 
 def rollback(conn: Connection, step: str, *, actor: str, reason: str) -> Generation:

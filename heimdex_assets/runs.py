@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from heimdex_assets.db.tables import owners, videos
 from heimdex_assets.freshness import FAILURE_BACKOFF_BASE, FAILURE_BACKOFF_CAP
-from heimdex_assets.generations import Generation, activate_if_complete
+from heimdex_assets.generations import AutoActivation, Generation, activate_if_complete
 from heimdex_assets.models import ModelMismatchError, deployment_models, require_model
 from heimdex_assets.partitions import InvalidIdError, parse_partition_key
 from heimdex_assets.resources import AppDatabase
@@ -136,8 +136,19 @@ class StepRun:
     rows_written: int = 0
     stray_rows_deleted: int = 0
     failures: dict[str, str] = field(default_factory=dict)
-    activated: Generation | None = None
+    activation: AutoActivation | None = None
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def activated(self) -> Generation | None:
+        """The generation this run made active (it completed the candidate and the gate passed)."""
+        return self.activation.activated if self.activation is not None else None
+
+    def _gate(self) -> dict[str, Any]:
+        a = self.activation
+        if a is None:
+            return {}
+        return {"activated": a.activated is not None, "why_not": a.why_not, "evaluation": a.evaluation}
 
     def metadata(self, **extra: Any) -> dict[str, Any]:
         """The materialisation metadata every step reports, plus ``extra``."""
@@ -155,6 +166,7 @@ class StepRun:
             "step_version": self.step.version,
             "model_id": self.model_id,
             "activated_generation": f"{self.activated.version} / {self.activated.model_id}" if self.activated else "",
+            "generation_gate": dg.MetadataValue.json(self._gate()),
             **extra,
             "seconds": round(time.monotonic() - self.started, 3),
         }
@@ -171,11 +183,14 @@ def run_step(
     compute: Callable[[Batch], dict[str, ItemOutput]],
     *,
     write_partition: PartitionWriter | None = None,
+    gate_resources: Mapping[str, Any] | None = None,
 ) -> StepRun:
     """Run ``step`` over the run's partitions. ``models``: this worker's model identity of the step (and
     of its upstream steps); ``compute`` turns the batch's ``todo`` items into outputs by item id;
     ``write_partition(conn, partition_id, items, outputs, failures)`` adds step-specific writes to a
-    partition's transaction. Raises dg.Failure, after writing the good partitions, naming the bad ones."""
+    partition's transaction; ``gate_resources``: the models the evaluation gate (``evaluation.py``) embeds
+    queries with before the automatic flip. Raises dg.Failure, after writing the good partitions, naming
+    the bad ones."""
     model_id = models[step.name]
     force = run_flag(context, FORCE_TAG)
     retry_failed = run_flag(context, RETRY_FAILED_TAG)
@@ -232,11 +247,15 @@ def run_step(
     for item_id, reason in result.failures.items():
         context.log.warning(f"{step.name} item {item_id}: {reason}")
     with db.transaction() as conn:  # the candidate serves search once it covers every partition
-        result.activated = activate_if_complete(
-            conn, step, deployment_models(conn, models), f"run {context.run.run_id}"
+        result.activation = activate_if_complete(
+            conn, step, deployment_models(conn, models), f"run {context.run.run_id}", gate_resources
         )
     if result.activated is not None:
         context.log.info(f"{step.name}: generation {step.version} / {model_id} is now active")
+    elif result.activation.evaluation is not None:
+        context.log.warning(
+            f"{step.name}: generation {step.version} / {model_id} not active: {result.activation.why_not}"
+        )
     return result
 
 

@@ -6,17 +6,32 @@ Retry-After, 500, 400 for inputs over a length) and read back every request it r
 
 import hashlib
 import json
+import re
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
 
-def fake_vector(text: str, dimension: int = 1536) -> np.ndarray:
-    """The deterministic (not normalised) vector the server returns for ``text``."""
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-    return np.random.default_rng(seed).normal(size=dimension).astype(np.float32) * 3
+@lru_cache(maxsize=100_000)
+def _random_vector(key: str, dimension: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).normal(size=dimension).astype(np.float32)
+
+
+def fake_vector(text: str, dimension: int = 1536, random_vectors: bool = False) -> np.ndarray:
+    """The deterministic (not normalised) vector the server returns for ``text``: a bag of words (texts
+    sharing words are near, so retrieval works as with a real model), plus a little of the whole text
+    so that no two texts are equal. ``random_vectors``: a vector of the whole text only, which ranks
+    nothing (the deliberately worse model)."""
+    whole = _random_vector(text, dimension)
+    if random_vectors:
+        return whole * 3
+    words = re.findall(r"\w+", text.lower())
+    bag = sum((_random_vector("word:" + w, dimension) for w in words), np.zeros(dimension, dtype=np.float32))
+    return (bag + 0.2 * whole) * 3
 
 
 @dataclass
@@ -24,6 +39,7 @@ class FakeOpenAI:
     """Scripted failures are served first, in order; then every request succeeds."""
 
     max_input_chars: int | None = None
+    random_vectors: bool = False
     script: list[tuple[int, dict]] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)
@@ -51,7 +67,11 @@ class FakeOpenAI:
                     )
                     return self._send(400, {"error": {"message": message, "type": "invalid_request_error"}})
                 data = [
-                    {"object": "embedding", "index": i, "embedding": fake_vector(t).tolist()}
+                    {
+                        "object": "embedding",
+                        "index": i,
+                        "embedding": fake_vector(t, random_vectors=fake.random_vectors).tolist(),
+                    }
                     for i, t in enumerate(inputs)
                 ]
                 self._send(

@@ -145,6 +145,7 @@ def person_photo_embeddings(
         {STEP.name: person_identity(clip, person_detector)},
         compute,
         write_partition=set_photo_statuses,
+        gate_resources={},  # its gate reads stored vectors only
     )
     raise_for_rejected(run.partitions.rejected)
     return dg.MaterializeResult(metadata=run.metadata())

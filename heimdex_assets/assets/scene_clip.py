@@ -74,6 +74,8 @@ def scene_clip_embeddings(
     def compute(batch: Batch) -> dict[str, ItemOutput]:
         return embed_thumbnails(blobs, clip, batch.todo)
 
-    run = run_step(context, db, STEP, {STEP.name: clip.model_id}, compute)
+    run = run_step(
+        context, db, STEP, {STEP.name: clip.model_id}, compute, gate_resources={"clip": clip, "blobs": blobs}
+    )
     raise_for_rejected(run.partitions.rejected)
     return dg.MaterializeResult(metadata=run.metadata())

@@ -102,6 +102,7 @@ def scene_person_embeddings(
             counts["scenes_with_people"] += bool(t.crops)
         return outputs
 
-    run = run_step(context, db, STEP, {STEP.name: person_identity(clip, person_detector)}, compute)
+    gate = {"clip": clip, "blobs": blobs, "person_detector": person_detector}
+    run = run_step(context, db, STEP, {STEP.name: person_identity(clip, person_detector)}, compute, gate_resources=gate)
     raise_for_rejected(run.partitions.rejected)
     return dg.MaterializeResult(metadata=run.metadata(detector=person_detector.name, **counts))

@@ -50,7 +50,9 @@ def scene_text_embeddings(
             for i, vector in zip(batch.todo, embedded.vectors, strict=True)
         }
 
-    run = run_step(context, db, STEP, {STEP.name: text_embedder.model_id}, compute)
+    run = run_step(
+        context, db, STEP, {STEP.name: text_embedder.model_id}, compute, gate_resources={"text_embedder": text_embedder}
+    )
     if stats.get("texts_truncated"):
         context.log.warning(f"{stats['texts_truncated']} text input(s) exceeded the model's limit and were truncated")
     raise_for_rejected(run.partitions.rejected)
