@@ -1,8 +1,11 @@
-"""The admin REST API: the seed's ``POST /v1/admin/reprocess-embeddings``, launched as Dagster backfills.
+"""The REST API: ``GET /v1/search`` for any token, and the seed's admin routes (reprocessing, generations).
 
-A request is planned with ``plan_reprocess`` (what the current spec makes stale, in the scope) and
-launched with ``launch_plan_backfills`` on the webserver at ``HEIMDEX_DAGSTER_GRAPHQL_URL``; the
-response carries the backfill ids, whose progress ``GET /v1/admin/reprocess-embeddings/{id}`` reports.
+``GET /v1/search`` answers ``search_scenes`` for the token's own owner (a global admin names one with
+``owner_id``), on models loaded once per process at their first use. An admin's
+``POST /v1/admin/reprocess-embeddings`` is planned with ``plan_reprocess`` (what the current spec makes
+stale, in the scope) and launched with ``launch_plan_backfills`` on the webserver at
+``HEIMDEX_DAGSTER_GRAPHQL_URL``; the response carries the backfill ids, whose progress
+``GET /v1/admin/reprocess-embeddings/{id}`` reports.
 Serve it with ``uvicorn heimdex_assets.api.app:app`` (or ``--factory heimdex_assets.api.app:create_app``).
 """
 
@@ -10,11 +13,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from heimdex_assets.api.auth import (
+    ADMIN_ROLE,
     AuthConfigError,
     Principal,
     jwt_secret_from_env,
@@ -33,10 +37,12 @@ from heimdex_assets.backfills import (
 from heimdex_assets.db.engine import DatabaseUnavailableError
 from heimdex_assets.generations import (
     ActivationError,
+    GateRefusedError,
     activate,
     active_generations,
     coverage,
     generation_dict,
+    last_refusal,
     previous_generations,
     rollback,
 )
@@ -47,12 +53,18 @@ from heimdex_assets.reprocess import (
     ScopeNotFoundError,
     plan_reprocess,
 )
+from heimdex_assets.resources.clip_embedder import ClipWeightsUnavailableError
+from heimdex_assets.resources.search_index import SearchIndexError
+from heimdex_assets.resources.text_embedder import EmbeddingProviderError
+from heimdex_assets.search import Mode, SearchError, search_scenes
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
 from heimdex_assets.steps import STEPS
 from heimdex_assets.steps import step as step_named
 
 # Dagster backfill ids are short lowercase strings; anything else is refused before reaching GraphQL.
 BACKFILL_ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
+MAX_SEARCH_LIMIT = 100
+MAX_QUERY_CHARS = 1000
 
 
 class ReprocessBody(BaseModel):
@@ -116,10 +128,51 @@ def scoped_request(body: ReprocessBody, principal: Principal) -> ReprocessReques
     )
 
 
+class SceneHitOut(BaseModel):
+    """One scene found: where it is, its fused score, a transcript snippet and its rank in each fused list."""
+
+    scene_id: uuid.UUID
+    video_id: uuid.UUID
+    scene_index: int
+    start_s: float
+    end_s: float
+    score: float
+    snippet: str
+    ranks: dict[str, int]
+
+
+class SearchResponse(BaseModel):
+    """The owner searched, the query as asked, and the scenes found, best first."""
+
+    owner_id: uuid.UUID
+    query: str
+    mode: Mode
+    person_id: uuid.UUID | None
+    results: list[SceneHitOut]
+
+
+def search_owner(principal: Principal, owner_id: uuid.UUID | None) -> uuid.UUID:
+    """The owner whose scenes ``principal`` searches: its token's ``owner_id`` claim, or for a global admin
+    the ``owner_id`` it names. 403 for another owner or a global non-admin, 400 for a global admin naming none."""
+    confined = principal.owner_id
+    if confined is not None:
+        if owner_id not in (None, confined):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this token may only search owner {confined}")
+        return confined
+    if principal.role != ADMIN_ROLE:  # a token of no owner reaches every owner: admins only
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="a token without an owner_id claim must be an admin's")
+    if owner_id is None:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail="this token has no owner_id claim: pass owner_id=<uuid> to say whose scenes to search",
+        )
+    return owner_id
+
+
 def create_app(
     resources: dict[str, object] | None = None, graphql_url: str | None = None, jwt_secret: str | None = None
 ) -> FastAPI:
-    """The admin API over ``resources`` (default: from the environment, as the CLI) and the Dagster
+    """The API over ``resources`` (default: from the environment, as the CLI) and the Dagster
     webserver at ``graphql_url`` (default: ``HEIMDEX_DAGSTER_GRAPHQL_URL``). Raises AuthConfigError
     without a JWT secret (``jwt_secret`` or ``HEIMDEX_JWT_SECRET``)."""
     from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
@@ -129,10 +182,50 @@ def create_app(
     graphql_url = graphql_url or graphql_url_from_env()
     bearer = HTTPBearer(auto_error=False)  # so that a missing token is a 401 of ours, with its header
 
-    def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    def caller(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
         if credentials is None:
             raise unauthorized("missing bearer token")
-        return require_admin(verify_token(credentials.credentials, secret))
+        return verify_token(credentials.credentials, secret)
+
+    def admin(principal: Annotated[Principal, Depends(caller)]) -> Principal:
+        return require_admin(principal)
+
+    search_router = APIRouter(prefix="/v1", tags=["search"])
+
+    @search_router.get("/search", response_model=SearchResponse)
+    def search(
+        principal: Annotated[Principal, Depends(caller)],
+        q: Annotated[str, Query(max_length=MAX_QUERY_CHARS, description="words to search for")] = "",
+        mode: Mode = "hybrid",
+        person_id: Annotated[uuid.UUID | None, Query(description="rank scenes by this person")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_LIMIT)] = 10,
+        owner_id: Annotated[uuid.UUID | None, Query(description="whose scenes (global admins only)")] = None,
+    ) -> dict:
+        """The owner's scenes that best match ``q`` (lexical, semantic or hybrid) and/or show ``person_id``."""
+        owner = search_owner(principal, owner_id)
+        try:
+            # The same resource objects on every request: each loads its model once, at its first use.
+            results = search_scenes(
+                resources["db"],
+                owner,
+                q,
+                mode=mode,
+                person_id=person_id,
+                limit=limit,
+                text_embedder=resources["text_embedder"],
+                clip=resources["clip"],
+                search_index=resources["search_index"],
+            )
+        except SearchError as exc:  # also a person of another owner: "not found", like an unknown one
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(exc)) from None
+        except (
+            DatabaseUnavailableError,
+            SearchIndexError,
+            EmbeddingProviderError,
+            ClipWeightsUnavailableError,
+        ) as exc:  # one line each, credentials redacted by the resources
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        return {"owner_id": owner, "query": q, "mode": mode, "person_id": person_id, "results": results}
 
     router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -197,8 +290,9 @@ def create_app(
 
     @router.get("/embedding-spec")
     def embedding_spec(principal: Annotated[Principal, Depends(admin)]) -> dict:
-        """Per step: the spec's version, the model expected, the active and previous generations and the
-        candidate's coverage (partitions per state, items done)."""
+        """Per step: the spec's version, the model expected, the active and previous generations (with the
+        gate's figures at their activation) and the candidate's coverage (partitions per state, items done)
+        and last refusal by the evaluation gate."""
         try:
             with resources["db"].engine.connect() as conn:
                 models = expected_models(conn, resources)
@@ -213,6 +307,7 @@ def create_app(
                         "active": generation_dict(active.get(step.name)),
                         "previous": generation_dict(previous.get(step.name)),
                         "candidate_coverage": covered.as_dict(),
+                        "candidate_gate_refused": last_refusal(conn, step.name, step.version, models[step.name]),
                     }
         except DatabaseUnavailableError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
@@ -236,9 +331,12 @@ def create_app(
             with resources["db"].transaction() as conn:
                 if action == "activate":
                     models = expected_models(conn, resources)
-                    flipped = activate(conn, step, models, actor=actor, reason=reason, force=force)
+                    flipped = activate(conn, step, models, actor=actor, reason=reason, force=force, resources=resources)
                 else:
                     flipped = rollback(conn, step.name, actor=actor, reason=reason)
+        except GateRefusedError as exc:  # the figures, for the operator deciding whether to force it
+            detail = {"message": str(exc), "evaluation": exc.evaluation.as_dict()}
+            raise HTTPException(status.HTTP_409_CONFLICT, detail=detail) from None
         except ActivationError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
         except DatabaseUnavailableError as exc:
@@ -247,7 +345,8 @@ def create_app(
             align_alias(resources["db"], resources["search_index"])
         return {"step": step.name, "changed": flipped is not None, "active": generation_dict(flipped)}
 
-    app = FastAPI(title="Heimdex admin API", version=LATEST_EMBEDDING_SPEC_VERSION)
+    app = FastAPI(title="Heimdex API", version=LATEST_EMBEDDING_SPEC_VERSION)
+    app.include_router(search_router)
     app.include_router(router)
     return app
 
