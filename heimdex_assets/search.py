@@ -7,7 +7,7 @@ the owner filter again: a scene of another owner can never come back, whatever a
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +26,14 @@ from heimdex_assets.generations import serving_generations
 from heimdex_assets.spec import SPEC
 
 Mode = Literal["lexical", "semantic", "hybrid"]
-RRF_K = 60
+RRF_K = 60  # reciprocal_rank_fusion's default, the constant of Cormack et al. (2009)
+# What search_scenes fuses with, chosen by bench/fusion.py (known-item queries; figures in bench/README.md).
+# With k=60 over 30-deep lists, being in both lists beat being first in one: scenes a lexical list held for
+# "the" alone outranked the semantic first. Without smoothing and with a lexical rank worth a sixth of a
+# semantic one (a lexical first weighs as a semantic sixth), lexical matches break near-ties of the semantic
+# order. Lists not named here ("clip", "person") weigh 1.
+HYBRID_RRF_K = 0
+HYBRID_WEIGHTS = {"bm25": 1 / 6}
 SEMANTIC_CHANNELS = ("transcript", "visual")
 
 
@@ -48,12 +55,16 @@ class SearchResult:
     ranks: dict[str, int] = field(default_factory=dict)
 
 
-def reciprocal_rank_fusion(rankings: dict[str, Sequence[uuid.UUID]], k: int = RRF_K) -> list[tuple[uuid.UUID, float]]:
-    """Scenes ordered by the sum of 1/(k + rank) over the lists they appear in (ties: first seen)."""
+def reciprocal_rank_fusion(
+    rankings: dict[str, Sequence[uuid.UUID]], k: float = RRF_K, weights: Mapping[str, float] | None = None
+) -> list[tuple[uuid.UUID, float]]:
+    """Scenes ordered by the sum of weight/(k + rank) over the lists they appear in; a list's weight is
+    ``weights[name]``, 1 when not named (ties: first seen)."""
     scores: dict[uuid.UUID, float] = {}
-    for ranked in rankings.values():
+    for name, ranked in rankings.items():
+        weight = weights.get(name, 1.0) if weights else 1.0
         for rank, scene_id in enumerate(ranked, start=1):
-            scores[scene_id] = scores.get(scene_id, 0.0) + 1.0 / (k + rank)
+            scores[scene_id] = scores.get(scene_id, 0.0) + weight / (k + rank)
     return sorted(scores.items(), key=lambda item: -item[1])
 
 
@@ -255,5 +266,5 @@ def search_scenes(
                 model_id=person_gen.model_id,
                 limit=depth,
             )
-        fused = reciprocal_rank_fusion(rankings)[:limit]
+        fused = reciprocal_rank_fusion(rankings, k=HYBRID_RRF_K, weights=HYBRID_WEIGHTS)[:limit]
         return hydrate(conn, owner_id, fused, rankings, query)

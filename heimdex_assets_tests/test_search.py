@@ -11,7 +11,13 @@ from heimdex_assets.assets import OWNER_ASSETS, VIDEO_ASSETS
 from heimdex_assets.demo import build_corpus, load_corpus
 from heimdex_assets.launch import contiguous_ranges, materialize_ranges
 from heimdex_assets.resources import AppDatabase, BlobStore, OpenCvPersonDetector, SearchIndex
-from heimdex_assets.search import SearchError, reciprocal_rank_fusion, search_scenes
+from heimdex_assets.search import (
+    HYBRID_RRF_K,
+    HYBRID_WEIGHTS,
+    SearchError,
+    reciprocal_rank_fusion,
+    search_scenes,
+)
 from heimdex_assets_tests.conftest import ALL_TABLES, OPENSEARCH_URL
 
 
@@ -72,6 +78,27 @@ def test_each_mode_finds_the_scene_a_query_was_written_for(world, mode, word):
         assert word in results[0].snippet.lower()
 
 
+# The distinctive scenes asked for by their word, and by a paraphrase that shares little or none of their text.
+KNOWN_ITEMS = [
+    *((w, f"the {w}") for w in ("narwhal", "theremin", "zeppelin")),
+    ("narwhal", "a whale with a spiral tusk surfacing next to drifting sea ice"),
+    ("theremin", "an electronic instrument played by moving the hands near it in the air"),
+    ("zeppelin", "the cabin of an old airship that flew across the ocean"),
+]
+
+
+@pytest.mark.parametrize(("word", "query"), KNOWN_ITEMS)
+def test_hybrid_ranks_the_known_scene_at_least_as_high_as_the_better_single_mode(world, word, query):
+    corpus, _ = world
+    target = corpus.distinctive[word]
+    owner = next(o for o in corpus.owners if o.id == target.owner_id)
+    rank = {}
+    for mode in ("lexical", "semantic", "hybrid"):
+        found = [r.scene_id for r in run(world, owner, query, mode=mode, limit=10)]
+        rank[mode] = found.index(target.id) + 1 if target.id in found else 11
+    assert rank["hybrid"] <= min(rank["lexical"], rank["semantic"]), rank
+
+
 @pytest.mark.parametrize("mode", ["lexical", "semantic", "hybrid"])
 def test_no_result_ever_belongs_to_another_owner(world, mode):
     corpus, _ = world
@@ -108,3 +135,24 @@ def test_reciprocal_rank_fusion_rewards_agreement():
     fused = reciprocal_rank_fusion({"x": [a, b], "y": [b, c]})
     assert [s for s, _ in fused] == [b, a, c]
     assert fused[0][1] == pytest.approx(1 / 62 + 1 / 61)
+
+
+def test_reciprocal_rank_fusion_weighs_each_list_by_its_name():
+    a, b = uuid.uuid4(), uuid.uuid4()
+    assert [s for s, _ in reciprocal_rank_fusion({"x": [a], "y": [b]}, weights={"y": 2})] == [b, a]
+    assert [s for s, _ in reciprocal_rank_fusion({"x": [a], "y": [b]}, weights={"z": 2})] == [a, b]  # tie: first seen
+
+
+def test_hybrid_fusion_keeps_a_scene_first_in_both_lists_first():
+    top, *others = (uuid.uuid4() for _ in range(5))
+    fused = reciprocal_rank_fusion(
+        {"bm25": [top, *others], "text": [top, *reversed(others)]}, k=HYBRID_RRF_K, weights=HYBRID_WEIGHTS
+    )
+    assert fused[0][0] == top
+
+
+def test_hybrid_fusion_counts_a_lexical_first_as_a_semantic_sixth():
+    lexical_first, *semantic = (uuid.uuid4() for _ in range(7))
+    fused = reciprocal_rank_fusion({"bm25": [lexical_first], "text": semantic}, k=HYBRID_RRF_K, weights=HYBRID_WEIGHTS)
+    # Its score ties the semantic sixth's; a tie goes to the scene seen first (search_scenes lists bm25 first).
+    assert [s for s, _ in fused] == [*semantic[:5], lexical_first, semantic[5]]
