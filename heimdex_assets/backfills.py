@@ -1,8 +1,8 @@
 """Launching a reprocessing plan on a Dagster deployment, as asset backfills, through its webserver.
 
-``launch_plan_backfills`` sends one backfill per group of assets that redo the same partitions
-(the daemon then runs them in ranges, by each asset's backfill policy), tagged with the plan's
-owner scope and ``force``. Partitions the discovery sensors have not registered yet are added
+``launch_plan_backfills`` sends, per group of assets that redo the same partitions, one backfill
+per run's worth of work (about ``scenes_per_run()`` scenes, ``launch.pack_runs``), tagged with the
+plan's owner scope and ``force``. Partitions the discovery sensors have not registered yet are added
 first, as the sensors would. ``backfill_status`` reports a backfill's progress. Both speak the
 GraphQL API of dagster-webserver (schema checked against dagster-graphql 1.13.27).
 """
@@ -10,11 +10,12 @@ GraphQL API of dagster-webserver (schema checked against dagster-graphql 1.13.27
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import httpx
 
+from heimdex_assets.launch import MAX_PARTITIONS_PER_RUN, pack_runs, scenes_per_run
 from heimdex_assets.partitions import owners_partitions, videos_partitions
 from heimdex_assets.reprocess import PartitionGroup, ReprocessPlan, partition_groups, plan_tags
 from heimdex_assets.runs import OWNER_SCOPE_TAG
@@ -85,6 +86,7 @@ class LaunchedBackfill:
     backfill_id: str
     asset_keys: list[str]
     partition_count: int
+    partitions: list[str] = field(default_factory=list)
 
 
 def graphql_url_from_env() -> str:
@@ -92,16 +94,34 @@ def graphql_url_from_env() -> str:
     return os.environ.get(GRAPHQL_URL_ENV, "").strip() or DEFAULT_GRAPHQL_URL
 
 
-def launch_plan_backfills(plan: ReprocessPlan, graphql_url: str, *, timeout_s: float = 30) -> list[LaunchedBackfill]:
-    """Launch ``plan`` on the deployment at ``graphql_url``: one asset backfill per partition group."""
+def launch_plan_backfills(
+    plan: ReprocessPlan,
+    graphql_url: str,
+    *,
+    weights: Mapping[str, Mapping[str, int]] | None = None,
+    timeout_s: float = 30,
+) -> list[LaunchedBackfill]:
+    """Launch ``plan`` on the deployment at ``graphql_url``: per partition group, one asset backfill per
+    run's worth of scenes (``weights``: partitioning → partition key → scenes; without them, one
+    backfill per group, which the daemon cuts by the assets' backfill policy)."""
     tags = [{"key": k, "value": v} for k, v in plan_tags(plan).items()]
     scope = f"owner {plan.owner_scope}" if plan.owner_scope else "all owners"
     launched = []
+    slices = []
+    for group in partition_groups(plan):
+        if weights is None:
+            slices.append((group, group.partitions))
+            continue
+        keys = group.partitions
+        for part in pack_runs(
+            keys, set(keys), weights[group.partitioning], scenes_per_run(), MAX_PARTITIONS_PER_RUN, max_bridged=0
+        ):
+            slices.append((group, part))
     with _Client(graphql_url, timeout_s) as client:
-        for group in partition_groups(plan):
+        for group, partitions in slices:
             params = {
                 "assetSelection": [{"path": [k]} for k in group.asset_keys],
-                "partitionNames": group.partitions,
+                "partitionNames": partitions,
                 "tags": tags,
                 "description": f"heimdex reprocess, {scope}, embedding spec {LATEST_EMBEDDING_SPEC_VERSION}",
             }
@@ -114,7 +134,7 @@ def launch_plan_backfills(plan: ReprocessPlan, graphql_url: str, *, timeout_s: f
                 # The groups already launched run regardless: say which, so that nobody launches them twice.
                 already = f" (launched before it: {', '.join(b.backfill_id for b in launched)})" if launched else ""
                 raise BackfillError(f"Dagster refused the backfill: {_error_message(result)}{already}")
-            launched.append(LaunchedBackfill(result["backfillId"], group.asset_keys, len(group.partitions)))
+            launched.append(LaunchedBackfill(result["backfillId"], group.asset_keys, len(partitions), list(partitions)))
     return launched
 
 

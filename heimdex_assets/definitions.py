@@ -3,8 +3,11 @@
 import dagster as dg
 
 from heimdex_assets.assets import DERIVED_ASSETS, SOURCE_ASSETS
+from heimdex_assets.checks import FRESHNESS_CHECKS, FRESHNESS_SPECS
+from heimdex_assets.jobs import reprocess_job
 from heimdex_assets.schedules import prune_generations_job, prune_generations_schedule
 from heimdex_assets.sensors import (
+    freshness_checks_sensor,
     generation_activation_sensor,
     owner_discovery_sensor,
     stale_partitions_sensor,
@@ -13,9 +16,16 @@ from heimdex_assets.sensors import (
 from heimdex_assets.settings import resources_from_env
 
 defs = dg.Definitions(
-    assets=[*SOURCE_ASSETS, *DERIVED_ASSETS],
-    sensors=[video_discovery_sensor, owner_discovery_sensor, stale_partitions_sensor, generation_activation_sensor],
-    jobs=[prune_generations_job],
+    assets=[*SOURCE_ASSETS, *DERIVED_ASSETS, *FRESHNESS_SPECS],
+    asset_checks=FRESHNESS_CHECKS,
+    sensors=[
+        video_discovery_sensor,
+        owner_discovery_sensor,
+        stale_partitions_sensor,
+        generation_activation_sensor,
+        freshness_checks_sensor,
+    ],
+    jobs=[prune_generations_job, reprocess_job],
     schedules=[prune_generations_schedule],
     resources=resources_from_env(),
     executor=dg.in_process_executor,

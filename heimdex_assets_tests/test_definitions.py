@@ -1,6 +1,7 @@
 import dagster as dg
 
 from heimdex_assets.definitions import defs
+from heimdex_assets.launch import MAX_PARTITIONS_PER_RUN
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION, SPEC
 
@@ -16,7 +17,7 @@ def test_embedding_assets_carry_their_spec_step_version_and_partitions():
         step = SPEC.step_for_asset(name)
         assert assets_def.code_versions_by_key[dg.AssetKey(name)] == step.version
         assert assets_def.partitions_def == videos_partitions
-        assert assets_def.backfill_policy.max_partitions_per_run == 50
+        assert assets_def.backfill_policy.max_partitions_per_run == MAX_PARTITIONS_PER_RUN
 
 
 def test_sources_are_in_the_graph_for_lineage():

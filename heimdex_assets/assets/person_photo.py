@@ -10,6 +10,7 @@ from PIL import Image
 from sqlalchemy import Connection, bindparam, func, or_, update
 
 from heimdex_assets.db.tables import person_reference_photos
+from heimdex_assets.launch import MAX_PARTITIONS_PER_RUN
 from heimdex_assets.models import person_identity
 from heimdex_assets.partitions import owners_partitions
 from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder
@@ -120,7 +121,7 @@ def set_photo_statuses(
     key=STEP.asset_key,
     partitions_def=owners_partitions,
     code_version=STEP.version,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=50),
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"pytorch", "opencv", "postgres"},
     group_name="person_embeddings",
     deps=["person_reference_photos"],

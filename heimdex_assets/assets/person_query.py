@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from heimdex_assets.assets.person_photo import person_photo_embeddings
 from heimdex_assets.db.tables import person_photo_vectors
+from heimdex_assets.launch import MAX_PARTITIONS_PER_RUN
 from heimdex_assets.models import person_identity
 from heimdex_assets.partitions import owners_partitions
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector
@@ -28,7 +29,7 @@ def mean_unit_vector(vectors: Sequence[np.ndarray]) -> np.ndarray | None:
     key=STEP.asset_key,
     partitions_def=owners_partitions,
     code_version=STEP.version,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=50),
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"postgres"},
     group_name="person_embeddings",
     deps=[person_photo_embeddings],

@@ -5,6 +5,7 @@ from typing import Any
 
 import dagster as dg
 
+from heimdex_assets.launch import MAX_PARTITIONS_PER_RUN
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.pipelining import prefetch_map
 from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder
@@ -60,7 +61,7 @@ def embed_thumbnails(blobs: BlobStore, clip: ClipEmbedder, items: list[Item]) ->
     key=STEP.asset_key,
     partitions_def=videos_partitions,
     code_version=STEP.version,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=50),
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"pytorch", "postgres"},
     group_name="scene_embeddings",
     deps=["scenes"],

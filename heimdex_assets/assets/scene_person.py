@@ -7,6 +7,7 @@ import dagster as dg
 import numpy as np
 from PIL import Image
 
+from heimdex_assets.launch import MAX_PARTITIONS_PER_RUN
 from heimdex_assets.models import person_identity
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.resources import AppDatabase, BlobStore, ClipEmbedder
@@ -73,7 +74,7 @@ def scan_output(t: ScannedThumbnail, vectors: np.ndarray) -> ItemOutput:
     key=STEP.asset_key,
     partitions_def=videos_partitions,
     code_version=STEP.version,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=50),
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"opencv", "pytorch", "postgres"},
     group_name="scene_embeddings",
     deps=["scenes"],

@@ -10,6 +10,7 @@ partition, or on ``heimdex activate``/``rollback``.
 import dagster as dg
 
 from heimdex_assets.generations import Generation, active_generations
+from heimdex_assets.launch import MAX_PARTITIONS_PER_RUN
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.resources import AppDatabase, SearchIndex
 from heimdex_assets.resources.search_index import BulkIndexError
@@ -34,7 +35,7 @@ def align_alias(db: AppDatabase, search_index: SearchIndex) -> tuple[Generation 
     key=STEP.asset_key,
     partitions_def=videos_partitions,
     code_version=STEP.version,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=50),
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"opensearch", "postgres"},
     group_name="search",
     deps=["scenes"],

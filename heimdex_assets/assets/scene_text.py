@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from heimdex_assets.launch import MAX_PARTITIONS_PER_RUN
 from heimdex_assets.partitions import videos_partitions
 from heimdex_assets.resources import AppDatabase, TextEmbedder
 from heimdex_assets.runs import Batch, ItemOutput, raise_for_rejected, run_step
@@ -13,7 +14,7 @@ from heimdex_assets.text_cache import embed_texts_cached
     key=STEP.asset_key,
     partitions_def=videos_partitions,
     code_version=STEP.version,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=50),
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"openai", "postgres"},
     group_name="scene_embeddings",
     deps=["scenes"],

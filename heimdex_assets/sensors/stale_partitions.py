@@ -2,115 +2,184 @@
 
 Each asset's rows carry the step version of the spec; after a spec bump (or an edited scene, a
 new READY video, another configured model) the SQL freshness of ``freshness.py`` names the
-partitions to redo, and this sensor requests runs for them: assets that redo the same partitions
-share a run, keys are cut into contiguous ranges of at most the assets' ``max_partitions_per_run``.
+partitions to redo, and this sensor submits asset backfills for them (the Backfills page shows
+their progress). Assets that redo the same partitions share a backfill; each backfill is one run's
+worth of work, about ``scenes_per_run()`` scenes (``pack_runs``); partitions that a queued or
+running backfill or run already covers are never submitted again (``in_flight_partitions``).
 Failed partitions are left alone: they wait for the failure backoff of ``freshness.py``.
+The ``reprocess`` job (``heimdex_assets.jobs``) submits its plans through the same functions.
 """
 
-import json
 import time
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
 
 from heimdex_assets.assets import DERIVED_ASSETS
-from heimdex_assets.launch import RANGE_END_TAG, RANGE_START_TAG, contiguous_ranges
+from heimdex_assets.launch import (
+    MAX_BRIDGED_FRESH,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    pack_runs,
+    partition_weights,
+    scenes_per_run,
+)
 from heimdex_assets.models import expected_models
 from heimdex_assets.partitions import owners_partitions, videos_partitions
 from heimdex_assets.reprocess import ReprocessPlan, ReprocessRequest, partition_groups, plan_reprocess, plan_tags
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
 from heimdex_assets.steps import step_for_asset
 
-MAX_RUN_REQUESTS_PER_TICK = 200
-# A requested range is not requested again for this long: time for its run to be queued and done.
-RELAUNCH_AFTER_SECONDS = 3600
+MAX_BACKFILLS_PER_TICK = 200
+LAUNCHED_BY_TAG = "heimdex/launched_by"
+# Runs in these states will still write their partitions.
+IN_FLIGHT_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 PARTITIONINGS = {"video": videos_partitions, "owner": owners_partitions}
 _ASSETS = {a.key.to_user_string(): a for a in DERIVED_ASSETS}
 
 
-@dataclass(frozen=True)
-class LaunchedRange:
-    """A range of partitions requested for some assets at some time (epoch seconds); the cursor's unit."""
-
-    at: float
-    partitioning: str
-    asset_keys: tuple[str, ...]
-    start: str
-    end: str
+def _partition_keys(tags: Mapping[str, str], positions: Mapping[str, int], ordered: Sequence[str]) -> list[str]:
+    """The partitions a run covers, from its tags, as Dagster reads them (a deleted range end: none)."""
+    if "dagster/partition" in tags:
+        return [tags["dagster/partition"]]
+    start, end = positions.get(tags.get(RANGE_START_TAG, "")), positions.get(tags.get(RANGE_END_TAG, ""))
+    return list(ordered[start : end + 1]) if start is not None and end is not None else []
 
 
-def read_cursor(cursor: str | None) -> list[LaunchedRange]:
-    """The ranges recorded in a cursor written by ``write_cursor`` (none for an empty cursor)."""
-    if not cursor:
-        return []
-    return [
-        LaunchedRange(r["at"], r["partitioning"], tuple(r["assets"]), r["start"], r["end"])
-        for r in json.loads(cursor)["launched"]
-    ]
-
-
-def write_cursor(launched: list[LaunchedRange]) -> str:
-    """The cursor holding ``launched``: ranges, not keys, so it stays small (200 ranges a tick at most)."""
-    entries = [
-        {"at": r.at, "partitioning": r.partitioning, "assets": list(r.asset_keys), "start": r.start, "end": r.end}
-        for r in launched
-    ]
-    return json.dumps({"launched": entries}, separators=(",", ":"))
-
-
-def launched_partitions(launched: list[LaunchedRange], ordered: dict[str, list[str]]) -> set[tuple[str, str]]:
-    """(asset, partition) pairs covered by ``launched``, each range read in its partitions' order
-    ``ordered`` as Dagster reads the range tags; a range whose end was deleted covers nothing."""
+def in_flight_partitions(instance: dg.DagsterInstance, ordered: Mapping[str, Sequence[str]]) -> set[tuple[str, str]]:
+    """(asset, partition) pairs that a backfill still in progress targets, or a queued or running run
+    will write; ``ordered``: each partitioning's keys in order, to read range runs."""
+    pairs = {
+        (key.to_user_string(), partition)
+        for backfill in _backfills_in_progress(instance)
+        for key, partition in _backfill_targets(backfill)
+    }
+    kinds = {name: step_for_asset(name).partitioning for name in _ASSETS}
     positions = {kind: {key: i for i, key in enumerate(keys)} for kind, keys in ordered.items()}
-    pairs = set()
-    for r in launched:
-        start, end = positions[r.partitioning].get(r.start), positions[r.partitioning].get(r.end)
-        if start is not None and end is not None:
-            covered = ordered[r.partitioning][start : end + 1]
-            pairs |= {(asset, key) for asset in r.asset_keys for key in covered}
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT_RUN_STATUSES)):
+        for asset_key in run.asset_selection or ():
+            name = asset_key.to_user_string()
+            if name in kinds:
+                kind = kinds[name]
+                pairs |= {(name, k) for k in _partition_keys(run.tags, positions[kind], ordered[kind])}
     return pairs
 
 
-def run_request_for(keys: list[str], asset_keys: list[str], tags: dict[str, str]) -> dg.RunRequest:
-    """One run of ``asset_keys`` over the contiguous ``keys``: a partition key for one, range tags for more
-    (``RunRequest`` has no partition range argument in Dagster 1.13; it reads these same tags)."""
-    selection = [dg.AssetKey(k) for k in asset_keys]
-    if len(keys) == 1:
-        return dg.RunRequest(asset_selection=selection, partition_key=keys[0], tags=tags)
-    return dg.RunRequest(asset_selection=selection, tags=tags | {RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
+@dataclass(frozen=True)
+class Launch:
+    """One backfill to submit, one run's worth: its assets over a contiguous slice of partitions."""
+
+    partitioning: str
+    asset_keys: list[str]
+    partitions: list[str]  # the slice, fresh partitions carried between stale ones included
+    stale: int  # partitions of the slice that the plan redoes
+    scenes: int  # their work (scenes, or photos for owners)
 
 
 def plan_launches(
     plan: ReprocessPlan,
-    ordered: dict[str, list[str]],
-    launched: set[tuple[str, str]],
-    max_requests: int = MAX_RUN_REQUESTS_PER_TICK,
-) -> tuple[list[tuple[str, list[str], list[str]]], int]:
-    """The ranges to request now, as (partitioning, asset keys, keys), and how many partitions of the plan
-    wait for a later tick. Keys not registered yet in ``ordered`` and pairs in ``launched`` are left out
-    (``plan`` is narrowed in place, so that assets still redoing the same keys share a run)."""
+    ordered: Mapping[str, Sequence[str]],
+    in_flight: set[tuple[str, str]],
+    weights: Mapping[str, Mapping[str, int]],
+    per_run: int,
+    max_launches: int = MAX_BACKFILLS_PER_TICK,
+) -> tuple[list[Launch], int]:
+    """The backfills to submit now, and how many partitions of the plan wait for a later tick. Keys not
+    registered yet in ``ordered`` and pairs in ``in_flight`` are left out (``plan`` is narrowed in place,
+    so that assets still redoing the same keys share a backfill)."""
     for asset_key, asset in plan.assets.items():
         registered = set(ordered[step_for_asset(asset_key).partitioning])
-        asset.partitions = [k for k in asset.partitions if k in registered and (asset_key, k) not in launched]
-    ranges, left = [], 0
+        asset.partitions = [k for k in asset.partitions if k in registered and (asset_key, k) not in in_flight]
+    launches: list[Launch] = []
+    left = 0
     for group in partition_groups(plan):
-        per_run = min(_ASSETS[k].backfill_policy.max_partitions_per_run for k in group.asset_keys)
-        for keys in contiguous_ranges(ordered[group.partitioning], set(group.partitions), per_run):
-            if len(ranges) < max_requests:
-                ranges.append((group.partitioning, group.asset_keys, keys))
+        stale = set(group.partitions)
+        # One backfill must be one run: never more partitions than the assets' backfill policy puts in one.
+        cap = min(_ASSETS[k].backfill_policy.max_partitions_per_run or 1 for k in group.asset_keys)
+        blocked = {k for a, k in in_flight if a in group.asset_keys}
+        group_weights = weights[group.partitioning]
+        # A forced plan recomputes every item of a run: carry no partition it did not ask for.
+        bridged = 0 if plan.request.force else MAX_BRIDGED_FRESH
+        for keys in pack_runs(ordered[group.partitioning], stale, group_weights, per_run, cap, blocked, bridged):
+            redo = [k for k in keys if k in stale]
+            if len(launches) < max_launches:
+                work = sum(max(1, group_weights.get(k, 0)) for k in redo)
+                launches.append(Launch(group.partitioning, group.asset_keys, keys, len(redo), work))
             else:
-                left += len(keys)
-    return ranges, left
+                left += len(redo)
+    return launches, left
+
+
+def launch_tags(plan: ReprocessPlan, launched_by: str) -> dict[str, str]:
+    """The plan's run tags (owner scope, force, retry) and who launched it."""
+    return plan_tags(plan) | {LAUNCHED_BY_TAG: launched_by}
+
+
+# Dagster 1.13.27 has no public API to submit an asset backfill from a sensor or an op, nor to list
+# backfills by status: these three functions are the only places that touch dagster._ (checked
+# against dagster 1.13.27).
+def backfill_request(launch: Launch, tags: Mapping[str, str]) -> dg.RunRequest:
+    """A sensor's request for an asset backfill of ``launch`` (the sensor daemon submits it)."""
+    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+
+    subset = PARTITIONINGS[launch.partitioning].empty_subset().with_partition_keys(launch.partitions)
+    graph_subset = AssetGraphSubset(
+        partitions_subsets_by_asset_key={dg.AssetKey(k): subset for k in launch.asset_keys},
+        non_partitioned_asset_keys=set(),
+    )
+    return dg.RunRequest.for_asset_graph_subset(graph_subset, tags=dict(tags))
+
+
+def submit_backfill(instance: dg.DagsterInstance, launch: Launch, tags: Mapping[str, str], description: str) -> str:
+    """Submit an asset backfill of ``launch`` to ``instance`` (the backfill daemon runs it); its id."""
+    from dagster._core.execution.backfill import PartitionBackfill
+
+    backfill_id = uuid.uuid4().hex[:8]
+    instance.add_backfill(
+        PartitionBackfill.from_asset_graph_subset(
+            backfill_id=backfill_id,
+            dynamic_partitions_store=instance,
+            backfill_timestamp=time.time(),
+            asset_graph_subset=backfill_request(launch, tags).asset_graph_subset,
+            tags=dict(tags),
+            title=None,
+            description=description,
+            run_config=None,
+        )
+    )
+    return backfill_id
+
+
+def _backfills_in_progress(instance: dg.DagsterInstance) -> list:
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    statuses = [BulkActionStatus.REQUESTED, BulkActionStatus.CANCELING, BulkActionStatus.FAILING]
+    return list(instance.get_backfills(filters=BulkActionsFilter(statuses=statuses)))
+
+
+def _backfill_targets(backfill: object) -> list[tuple[dg.AssetKey, str]]:
+    data = getattr(backfill, "asset_backfill_data", None)
+    if data is None:  # a job backfill: no asset of ours
+        return []
+    return [(p.asset_key, p.partition_key) for p in data.target_subset.iterate_asset_partitions()]
 
 
 @dg.sensor(
     name="stale_partitions_sensor",
     minimum_interval_seconds=300,
     # Off until an operator turns it on: a spec bump re-embeds every partition, which spends model
-    # money (OpenAI tokens, GPU hours); the tick logs the OpenAI estimate before the runs start.
+    # money (OpenAI tokens, GPU hours); the tick logs the OpenAI estimate before the backfills start.
     default_status=dg.DefaultSensorStatus.STOPPED,
     asset_selection=dg.AssetSelection.assets(*DERIVED_ASSETS),
-    description="Requests runs for the partitions the embedding spec makes stale or missing; not failed ones.",
+    description="Backfills the partitions the embedding spec makes stale or missing (not failed ones), "
+    "runs sized by scenes; never what a queued or running backfill or run covers.",
 )
 def stale_partitions_sensor(
     context: dg.SensorEvaluationContext,
@@ -120,31 +189,30 @@ def stale_partitions_sensor(
     person_detector: OpenCvPersonDetector,
     search_index: SearchIndex,
 ) -> dg.SensorResult:
-    """Runs for every stale or missing registered partition, grouped by asset and in ranges, 200 at most a tick;
-    a range is not requested again within an hour (cursor)."""
-    now = time.time()
-    recent = [r for r in read_cursor(context.cursor) if now - r.at < RELAUNCH_AFTER_SECONDS]
+    """Backfills for every stale or missing registered partition not already in flight, one run's
+    worth each, 200 at most a tick."""
+    resources = {
+        "text_embedder": text_embedder,
+        "clip": clip,
+        "person_detector": person_detector,
+        "search_index": search_index,
+    }
     with db.engine.connect() as conn:
-        resources = {
-            "text_embedder": text_embedder,
-            "clip": clip,
-            "person_detector": person_detector,
-            "search_index": search_index,
-        }
         plan = plan_reprocess(conn, ReprocessRequest(scope="all"), expected_models(conn, resources))
-    if plan.empty:
-        return dg.SensorResult(skip_reason=dg.SkipReason("every partition is fresh"), cursor=write_cursor(recent))
-    cost = plan.estimated_openai_cost_usd
+        if plan.empty:
+            return dg.SensorResult(skip_reason=dg.SkipReason("every partition is fresh"))
+        weights = {kind: partition_weights(conn, kind) for kind in PARTITIONINGS}
     ordered = {kind: context.instance.get_dynamic_partitions(p.name) for kind, p in PARTITIONINGS.items()}
-    ranges, left = plan_launches(plan, ordered, launched_partitions(recent, ordered))
-    tags = plan_tags(plan)
-    requests = [run_request_for(keys, asset_keys, tags) for _, asset_keys, keys in ranges]
-    recent += [LaunchedRange(now, kind, tuple(asset_keys), keys[0], keys[-1]) for kind, asset_keys, keys in ranges]
+    in_flight = in_flight_partitions(context.instance, ordered)
+    launches, left = plan_launches(plan, ordered, in_flight, weights, scenes_per_run())
     context.log.info(
-        f"{len(requests)} run requests over {sum(len(k) for *_, k in ranges)} partitions "
-        f"(whole plan: estimated OpenAI cost ${cost:.4f}); {left} partitions left for later ticks"
+        f"{len(launches)} backfills over {sum(lc.stale for lc in launches)} stale partitions "
+        f"({sum(len(lc.partitions) for lc in launches)} with the fresh ones carried), "
+        f"{sum(lc.scenes for lc in launches)} scenes (whole plan: estimated OpenAI cost "
+        f"${plan.estimated_openai_cost_usd:.4f}); {left} partitions left for later ticks"
     )
-    if not requests:
-        skip = "every stale partition has a run requested within the hour or is not registered yet"
-        return dg.SensorResult(skip_reason=dg.SkipReason(skip), cursor=write_cursor(recent))
-    return dg.SensorResult(run_requests=requests, cursor=write_cursor(recent))
+    if not launches:
+        skip = "every stale partition is in a queued or running backfill or run, or not registered yet"
+        return dg.SensorResult(skip_reason=dg.SkipReason(skip))
+    tags = launch_tags(plan, "stale_partitions_sensor")
+    return dg.SensorResult(run_requests=[backfill_request(lc, tags) for lc in launches])
