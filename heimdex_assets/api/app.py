@@ -6,22 +6,34 @@
 stale, in the scope) and launched with ``launch_plan_backfills`` on the webserver at
 ``HEIMDEX_DAGSTER_GRAPHQL_URL``; the response carries the backfill ids, whose progress
 ``GET /v1/admin/reprocess-embeddings/{id}`` reports.
+Every ``/v1`` request passes ``RequestGuard`` before its body is read (token, POST rate, body size), and
+every dependency failure is answered by one handler: a JSON 503 with ``Retry-After`` naming no host.
 Serve it with ``uvicorn heimdex_assets.api.app:app`` (or ``--factory heimdex_assets.api.app:create_app``).
 """
 
+import logging
+import math
+import os
+import threading
+import time
 import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Security, status
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, model_validator
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.datastructures import Headers
 
 from heimdex_assets.api.auth import (
     ADMIN_ROLE,
     AuthConfigError,
     Principal,
-    jwt_secret_from_env,
+    TokenPolicy,
     require_admin,
     unauthorized,
     verify_token,
@@ -34,7 +46,7 @@ from heimdex_assets.backfills import (
     graphql_url_from_env,
     launch_plan_backfills,
 )
-from heimdex_assets.db.engine import DatabaseUnavailableError
+from heimdex_assets.db.engine import DatabaseUnavailableError, redact
 from heimdex_assets.generations import (
     ActivationError,
     GateRefusedError,
@@ -46,6 +58,7 @@ from heimdex_assets.generations import (
     previous_generations,
     rollback,
 )
+from heimdex_assets.launch import partition_weights
 from heimdex_assets.models import expected_models
 from heimdex_assets.reprocess import (
     ReprocessError,
@@ -61,10 +74,17 @@ from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
 from heimdex_assets.steps import STEPS
 from heimdex_assets.steps import step as step_named
 
+logger = logging.getLogger(__name__)
+
 # Dagster backfill ids are short lowercase strings; anything else is refused before reaching GraphQL.
 BACKFILL_ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
 MAX_SEARCH_LIMIT = 100
 MAX_QUERY_CHARS = 1000
+MAX_BODY_BYTES = 64 * 1024  # every body this API takes is a few hundred bytes
+POST_RATE_ENV = "HEIMDEX_API_POST_RATE_PER_MINUTE"
+DEFAULT_POST_RATE_PER_MINUTE = 10
+RETRY_AFTER_S = 30  # what a 503 asks a client to wait: a restarting database or webserver
+PRINCIPAL_STATE = "heimdex_principal"  # where RequestGuard leaves the verified caller in the request's state
 
 
 class ReprocessBody(BaseModel):
@@ -81,10 +101,15 @@ class ReprocessBody(BaseModel):
 
     @model_validator(mode="after")
     def _ids_for_scope(self) -> "ReprocessBody":
+        # An id the scope would ignore is refused: the caller meant something narrower than what would run.
         if self.scope == "video" and self.video_id is None:
             raise ValueError("scope video needs video_id")
         if self.scope == "owner" and self.owner_id is None:
             raise ValueError("scope owner needs owner_id")
+        if self.scope == "owner" and self.video_id is not None:
+            raise ValueError("scope owner takes no video_id: use scope video")
+        if self.scope == "all" and (self.owner_id is not None or self.video_id is not None):
+            raise ValueError("scope all takes neither owner_id nor video_id")
         return self
 
 
@@ -120,7 +145,7 @@ def scoped_request(body: ReprocessBody, principal: Principal) -> ReprocessReques
     since = body.since.replace(tzinfo=UTC) if body.since and body.since.tzinfo is None else body.since
     return ReprocessRequest(
         scope=body.scope,
-        video_id=body.video_id if body.scope == "video" else None,
+        video_id=body.video_id,
         owner_id=owner_id,
         since=since,
         force=body.force,
@@ -153,44 +178,198 @@ class SearchResponse(BaseModel):
 
 def search_owner(principal: Principal, owner_id: uuid.UUID | None) -> uuid.UUID:
     """The owner whose scenes ``principal`` searches: its token's ``owner_id`` claim, or for a global admin
-    the ``owner_id`` it names. 403 for another owner or a global non-admin, 400 for a global admin naming none."""
+    (``scope: global``) the ``owner_id`` it names. 403 for another owner or a global non-admin, 400 for a
+    global admin naming none."""
     confined = principal.owner_id
     if confined is not None:
         if owner_id not in (None, confined):
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this token may only search owner {confined}")
         return confined
-    if principal.role != ADMIN_ROLE:  # a token of no owner reaches every owner: admins only
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="a token without an owner_id claim must be an admin's")
+    if principal.role != ADMIN_ROLE:  # a global token reaches every owner: admins only
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="a token of scope 'global' must be an admin's")
     if owner_id is None:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,
-            detail="this token has no owner_id claim: pass owner_id=<uuid> to say whose scenes to search",
+            detail="this token is of scope 'global': pass owner_id=<uuid> to say whose scenes to search",
         )
     return owner_id
 
 
+class TokenBuckets:
+    """One token bucket per key, in this process's memory: ``per_minute`` requests a minute, in bursts of
+    at most as many. ``clock`` (seconds, monotonic) is passed in so that a test can move time."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_minute <= 0:
+            raise ValueError(f"a rate limit must be a positive number of requests per minute, got {per_minute}")
+        self.per_minute = per_minute
+        self._refill_per_s = per_minute / 60
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens left, when counted)
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0 when ``key`` may go ahead (one token taken), else the seconds until its next token."""
+        with self._lock:
+            now = self._clock()
+            tokens, counted = self._buckets.get(key, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - counted) * self._refill_per_s)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self._refill_per_s
+
+
+def post_rate_from_env() -> int:
+    """``HEIMDEX_API_POST_RATE_PER_MINUTE`` (default 10); AuthConfigError when it is not a positive integer."""
+    raw = os.environ.get(POST_RATE_ENV, "").strip() or str(DEFAULT_POST_RATE_PER_MINUTE)
+    if not raw.isdigit() or int(raw) == 0:
+        raise AuthConfigError(f"{POST_RATE_ENV} must be a positive number of requests per minute, got {raw!r}")
+    return int(raw)
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class RequestGuard:
+    """ASGI middleware, ahead of FastAPI's body parsing: under ``/v1/`` it verifies the bearer token
+    (401/403) and charges each POST to the token subject's bucket (429 with ``Retry-After``); then it
+    refuses a body over ``max_body_bytes`` (413): by its Content-Length without reading it, or as soon
+    as reading it passes the limit. So an anonymous or oversized request is answered unread."""
+
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        policy: TokenPolicy,
+        post_limit: TokenBuckets,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.app, self.policy, self.post_limit, self.max_body_bytes = app, policy, post_limit, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            if scope["path"].startswith("/v1/"):
+                principal = self.authenticate(Headers(scope=scope))
+                scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
+                if scope["method"] == "POST":
+                    self.charge(principal)
+            receive = await self.read_bounded_body(scope, receive)
+        except HTTPException as exc:
+            response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def authenticate(self, headers: Headers) -> Principal:
+        scheme, token = get_authorization_scheme_param(headers.get("authorization"))
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized("missing bearer token")
+        return verify_token(token, self.policy)
+
+    def charge(self, principal: Principal) -> None:
+        wait_s = self.post_limit.take(principal.subject)
+        if wait_s > 0:
+            retry_after = max(1, math.ceil(round(wait_s, 3)))  # rounded: 15.000000001 s is a 15
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                detail=f"rate limit: {self.post_limit.per_minute} POST requests a minute per token subject; "
+                f"retry in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+
+    async def read_bounded_body(self, scope: Scope, receive: Receive) -> Receive:
+        """The body read whole (at most ``max_body_bytes``), and a ``receive`` that hands it to the app."""
+        too_large = HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE, detail=f"request body over {self.max_body_bytes} bytes"
+        )
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and not length.isdigit():
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="invalid Content-Length header")
+        if length is not None and int(length) > self.max_body_bytes:
+            raise too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: the app sees it as it would have
+                pending = [message]
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                raise too_large
+            if not message.get("more_body", False):
+                pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        return replay
+
+
+def unavailable_handler(
+    what: str, where: Callable[[], str] | None = None
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """An exception handler for a dependency that failed: a JSON 503 with ``Retry-After`` that says
+    ``what`` failed but names no host, user or URL. The log line carries those: our errors name where
+    (credentials redacted); for a driver's error, ``where`` says it."""
+
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        if where is not None:
+            reason = f"{where()}: {type(exc).__name__}: {reason}"
+        logger.warning("%s %s answered 503, %s unavailable: %s", request.method, request.url.path, what, reason)
+        return JSONResponse(
+            {"detail": f"{what} is unavailable; retry later"},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    return handler
+
+
 def create_app(
-    resources: dict[str, object] | None = None, graphql_url: str | None = None, jwt_secret: str | None = None
+    resources: dict[str, object] | None = None,
+    graphql_url: str | None = None,
+    jwt_secret: str | None = None,
+    post_limit: TokenBuckets | None = None,
 ) -> FastAPI:
     """The API over ``resources`` (default: from the environment, as the CLI) and the Dagster
-    webserver at ``graphql_url`` (default: ``HEIMDEX_DAGSTER_GRAPHQL_URL``). Raises AuthConfigError
-    without a JWT secret (``jwt_secret`` or ``HEIMDEX_JWT_SECRET``)."""
+    webserver at ``graphql_url`` (default: ``HEIMDEX_DAGSTER_GRAPHQL_URL``), with the token policy of
+    ``HEIMDEX_JWT_*`` (``jwt_secret`` overrides the secret) and a POST rate limit per token subject
+    (``post_limit``, default ``HEIMDEX_API_POST_RATE_PER_MINUTE``). Raises AuthConfigError without a
+    usable JWT secret or with a malformed limit."""
     from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
 
-    secret = jwt_secret_from_env(jwt_secret)
+    policy = TokenPolicy.from_env(jwt_secret)
+    post_limit = post_limit or TokenBuckets(post_rate_from_env())
     resources = resources if resources is not None else follow_recorded_placeholder(resources_from_env(deferred=False))
     graphql_url = graphql_url or graphql_url_from_env()
-    bearer = HTTPBearer(auto_error=False)  # so that a missing token is a 401 of ours, with its header
+    # Verification happens in RequestGuard, before the body is read; this only documents the scheme.
+    bearer = HTTPBearer(auto_error=False)
 
-    def caller(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
-        if credentials is None:
+    def caller(request: Request) -> Principal:
+        principal = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+        if principal is None:  # not through RequestGuard: refuse rather than guess
             raise unauthorized("missing bearer token")
-        return verify_token(credentials.credentials, secret)
+        return principal
 
     def admin(principal: Annotated[Principal, Depends(caller)]) -> Principal:
         return require_admin(principal)
 
-    search_router = APIRouter(prefix="/v1", tags=["search"])
+    def database_where() -> str:
+        url = getattr(resources["db"], "url", None)
+        return redact(url) if url else "the embedded server"
+
+    search_router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Security(bearer)])
 
     @search_router.get("/search", response_model=SearchResponse)
     def search(
@@ -218,16 +397,9 @@ def create_app(
             )
         except SearchError as exc:  # also a person of another owner: "not found", like an unknown one
             raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(exc)) from None
-        except (
-            DatabaseUnavailableError,
-            SearchIndexError,
-            EmbeddingProviderError,
-            ClipWeightsUnavailableError,
-        ) as exc:  # one line each, credentials redacted by the resources
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
         return {"owner_id": owner, "query": q, "mode": mode, "person_id": person_id, "results": results}
 
-    router = APIRouter(prefix="/v1/admin", tags=["admin"])
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Security(bearer)])
 
     @router.post("/reprocess-embeddings", response_model=ReprocessResponse)
     def reprocess_embeddings(body: ReprocessBody, principal: Annotated[Principal, Depends(admin)]) -> dict:
@@ -236,12 +408,11 @@ def create_app(
         try:
             with resources["db"].engine.connect() as conn:
                 plan = plan_reprocess(conn, request, expected_models(conn, resources))
+                weights = {kind: partition_weights(conn, kind) for kind in ("video", "owner")}
         except ScopeNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
         except ReprocessError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
-        except DatabaseUnavailableError as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
         result = {
             "spec_version": LATEST_EMBEDDING_SPEC_VERSION,
             "scope": request.scope,
@@ -252,10 +423,7 @@ def create_app(
         if plan.empty:
             message = f"Nothing to reprocess for {plan.video_count} video(s): all fresh for spec version "
             return result | {"status": "nothing_to_do", "message": message + LATEST_EMBEDDING_SPEC_VERSION}
-        try:
-            launched = launch_plan_backfills(plan, graphql_url)
-        except BackfillError as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        launched = launch_plan_backfills(plan, graphql_url, weights=weights)
         return result | {
             "status": "queued",
             "message": f"Queued embedding reprocessing for {plan.video_count} video(s) "
@@ -276,8 +444,6 @@ def create_app(
             progress = backfill_status(graphql_url, backfill_id)
         except BackfillNotFoundError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
-        except BackfillError as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
         if principal.owner_id is not None and progress["owner_scope"] != str(principal.owner_id):
             # Another owner's backfill (or one of all owners) is "not found" for an owner-scoped token.
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Dagster has no backfill {backfill_id}")
@@ -293,24 +459,21 @@ def create_app(
         """Per step: the spec's version, the model expected, the active and previous generations (with the
         gate's figures at their activation) and the candidate's coverage (partitions per state, items done)
         and last refusal by the evaluation gate."""
-        try:
-            with resources["db"].engine.connect() as conn:
-                models = expected_models(conn, resources)
-                active, previous = active_generations(conn), previous_generations(conn)
-                steps = {}
-                for step in STEPS:
-                    covered = coverage(conn, step, models)
-                    steps[step.name] = {
-                        "asset_key": step.asset_key,
-                        "step_version": step.version,
-                        "model_id": models[step.name],
-                        "active": generation_dict(active.get(step.name)),
-                        "previous": generation_dict(previous.get(step.name)),
-                        "candidate_coverage": covered.as_dict(),
-                        "candidate_gate_refused": last_refusal(conn, step.name, step.version, models[step.name]),
-                    }
-        except DatabaseUnavailableError as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+        with resources["db"].engine.connect() as conn:
+            models = expected_models(conn, resources)
+            active, previous = active_generations(conn), previous_generations(conn)
+            steps = {}
+            for step in STEPS:
+                covered = coverage(conn, step, models)
+                steps[step.name] = {
+                    "asset_key": step.asset_key,
+                    "step_version": step.version,
+                    "model_id": models[step.name],
+                    "active": generation_dict(active.get(step.name)),
+                    "previous": generation_dict(previous.get(step.name)),
+                    "candidate_coverage": covered.as_dict(),
+                    "candidate_gate_refused": last_refusal(conn, step.name, step.version, models[step.name]),
+                }
         return {"spec_version": LATEST_EMBEDDING_SPEC_VERSION, "steps": steps}
 
     @router.post("/generations/{step_name}/{action}")
@@ -339,8 +502,6 @@ def create_app(
             raise HTTPException(status.HTTP_409_CONFLICT, detail=detail) from None
         except ActivationError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
-        except DatabaseUnavailableError as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
         if step.name == "scene_search":
             align_alias(resources["db"], resources["search_index"])
         return {"step": step.name, "changed": flipped is not None, "active": generation_dict(flipped)}
@@ -348,6 +509,20 @@ def create_app(
     app = FastAPI(title="Heimdex API", version=LATEST_EMBEDDING_SPEC_VERSION)
     app.include_router(search_router)
     app.include_router(router)
+    app.add_middleware(RequestGuard, policy=policy, post_limit=post_limit)
+    # Any dependency failing at any time (a database gone after start included) is a 503 of one shape.
+    in_database = unavailable_handler("the application database", database_where)
+    handlers = {
+        DatabaseUnavailableError: unavailable_handler("the application database"),
+        OperationalError: in_database,  # raised mid-request by SQLAlchemy, e.g. a server that went away
+        InterfaceError: in_database,
+        SearchIndexError: unavailable_handler("the search index"),
+        EmbeddingProviderError: unavailable_handler("the text embedding provider"),
+        ClipWeightsUnavailableError: unavailable_handler("the CLIP model"),
+        BackfillError: unavailable_handler("the Dagster webserver"),
+    }
+    for error, handler in handlers.items():
+        app.add_exception_handler(error, handler)
     return app
 
 

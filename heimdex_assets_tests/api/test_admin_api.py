@@ -1,6 +1,9 @@
 """The admin REST API through FastAPI's TestClient, against the real database and, for launches, a
 real dagster-webserver (no daemon: a launched backfill stays REQUESTED, which is what is asserted)."""
 
+import asyncio
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,21 +17,34 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from heimdex_assets.api import create_app
-from heimdex_assets.resources import SearchIndex
+from heimdex_assets.api import TokenBuckets, create_app
+from heimdex_assets.db.embedded import EmbeddedPostgres
+from heimdex_assets.resources import AppDatabase, SearchIndex
 from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
+from heimdex_assets_tests.conftest import STATE_DIR
 from heimdex_assets_tests.test_backfills import REPO, Deployment, free_port
 
 SECRET = "api-test-secret-0123456789abcdef0123456789"
 URL = "/v1/admin/reprocess-embeddings"
 
 
-def token(role: str = "admin", owner_id: uuid.UUID | None = None, expires_in_s: int = 300, secret: str = SECRET) -> str:
-    claims = {"sub": "ops@example.com", "role": role, "exp": int(time.time()) + expires_in_s}
-    if owner_id is not None:
-        claims["owner_id"] = str(owner_id)
-    return jwt.encode(claims, secret, algorithm="HS256")
+def token(
+    role: str = "admin",
+    owner_id: uuid.UUID | None = None,
+    expires_in_s: int = 300,
+    secret: str = SECRET,
+    algorithm: str = "HS256",
+    **claims: object,
+) -> str:
+    """A token as the README mints one: confined to ``owner_id``, else ``scope: global``; ``claims``
+    override (a None value drops the claim)."""
+    now = int(time.time())
+    minted = {"sub": "ops@example.com", "role": role, "aud": "heimdex", "iss": "heimdex", "iat": now}
+    minted |= {"exp": now + expires_in_s} | ({"owner_id": str(owner_id)} if owner_id else {"scope": "global"})
+    minted |= claims
+    key = None if algorithm == "none" else secret
+    return jwt.encode({k: v for k, v in minted.items() if v is not None}, key, algorithm=algorithm)
 
 
 def bearer(value: str) -> dict[str, str]:
@@ -41,10 +57,14 @@ def unreachable_url() -> str:
 
 
 @pytest.fixture
-def client(resources, tmp_path, unreachable_url) -> TestClient:
-    search_index = SearchIndex(sqlite_path=str(tmp_path / "search.sqlite"))
-    app = create_app(resources | {"search_index": search_index}, unreachable_url, SECRET)
-    return TestClient(app)
+def api_resources(resources, tmp_path) -> dict:
+    """The test resources with a search index in tmp_path."""
+    return resources | {"search_index": SearchIndex(sqlite_path=str(tmp_path / "search.sqlite"))}
+
+
+@pytest.fixture
+def client(api_resources, unreachable_url) -> TestClient:
+    return TestClient(create_app(api_resources, unreachable_url, SECRET))
 
 
 @pytest.mark.parametrize(
@@ -140,14 +160,28 @@ def test_a_fresh_video_is_nothing_to_do(client, rows, resources, instance, tmp_p
     }
 
 
-def test_an_unreachable_webserver_is_a_one_line_503(client, rows, unreachable_url):
+def assert_unavailable(response, what: str, *hidden: str) -> None:
+    """A dependency failure as the API answers it: JSON 503 with Retry-After, naming none of ``hidden``."""
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "30"
+    assert response.json() == {"detail": f"{what} is unavailable; retry later"}
+    for secret in hidden:
+        assert secret not in response.text
+
+
+def test_an_unreachable_webserver_is_a_503_that_names_no_host_but_the_log_does(client, rows, unreachable_url, caplog):
     video = rows.video(rows.owner(), n_scenes=1)
-    response = client.post(URL, json={"scope": "video", "video_id": str(video)}, headers=bearer(token()))
-    assert response.status_code == 503
-    assert response.json() == {"detail": f"cannot reach the Dagster webserver at {unreachable_url}: ConnectError"}
-    response = client.get(f"{URL}/abcdefgh", headers=bearer(token()))
-    assert response.status_code == 503
-    assert response.json() == {"detail": f"cannot reach the Dagster webserver at {unreachable_url}: ConnectError"}
+    port = unreachable_url.split(":")[2].split("/")[0]
+    with caplog.at_level(logging.WARNING, logger="heimdex_assets.api.app"):
+        response = client.post(URL, json={"scope": "video", "video_id": str(video)}, headers=bearer(token()))
+        assert_unavailable(response, "the Dagster webserver", "127.0.0.1", port)
+        response = client.get(f"{URL}/abcdefgh", headers=bearer(token()))
+        assert_unavailable(response, "the Dagster webserver", "127.0.0.1", port)
+    assert [r.getMessage() for r in caplog.records if r.name == "heimdex_assets.api.app"] == [
+        f"{method} {path} answered 503, the Dagster webserver unavailable: "
+        f"cannot reach the Dagster webserver at {unreachable_url}: ConnectError"
+        for method, path in (("POST", URL), ("GET", f"{URL}/abcdefgh"))
+    ]
 
 
 def test_the_server_refuses_to_start_without_a_jwt_secret(tmp_path: Path):
@@ -265,3 +299,150 @@ def test_generations_are_shown_flipped_and_rolled_back_by_a_global_admin_only(cl
     with db.engine.connect() as conn:
         actors = conn.execute(text("SELECT actor FROM generation_events ORDER BY id")).scalars().all()
     assert actors[0].startswith("run ")  # the automatic flip; refused and no-op requests leave no event
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"scope": "all", "owner_id": str(uuid.uuid4())}, "scope all takes neither owner_id nor video_id"),
+        ({"scope": "all", "video_id": str(uuid.uuid4())}, "scope all takes neither owner_id nor video_id"),
+        (
+            {"scope": "owner", "owner_id": str(uuid.uuid4()), "video_id": str(uuid.uuid4())},
+            "scope owner takes no video_id: use scope video",
+        ),
+    ],
+    ids=["all-with-owner", "all-with-video", "owner-with-video"],
+)
+def test_inconsistent_scopes_are_422_not_silently_widened(client, body, detail):
+    response = client.post(URL, json=body, headers=bearer(token()))
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["msg"] == f"Value error, {detail}"
+
+
+BIG_BODY_BYTES = 24 * 1024 * 1024
+
+
+def asgi_post(app, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, dict, int]:
+    """POST ``chunks`` to ``app`` as an ASGI server would (no Content-Length unless in ``headers``):
+    the status, the JSON answer and how many times the app asked for the next piece of body."""
+    asked = 0
+
+    async def receive() -> dict:
+        nonlocal asked
+        asked += 1
+        if asked <= len(chunks):
+            return {"type": "http.request", "body": chunks[asked - 1], "more_body": asked < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": URL,
+        "raw_path": URL.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), asked
+
+
+def test_an_anonymous_or_oversized_body_is_refused_before_it_is_read(api_resources, unreachable_url):
+    app = create_app(api_resources, unreachable_url, SECRET)
+    piece = b" " * 16384  # JSON whitespace: the body would parse, were it read
+    declared = {"Content-Type": "application/json", "Content-Length": str(BIG_BODY_BYTES)}
+    chunked = {"Content-Type": "application/json"}
+    admin = {"Authorization": f"Bearer {token()}"}
+
+    # Anonymous: 401 whether the size is declared or not, and not one byte of the body asked for.
+    for headers in (declared, chunked):
+        status, answer, asked = asgi_post(app, headers, [piece] * (BIG_BODY_BYTES // len(piece)))
+        assert (status, answer, asked) == (401, {"detail": "missing bearer token"}, 0)
+    # Authenticated: a declared size over 64 KiB is refused unread, an undeclared one at the first piece past it.
+    status, answer, asked = asgi_post(app, declared | admin, [piece] * (BIG_BODY_BYTES // len(piece)))
+    assert (status, answer, asked) == (413, {"detail": "request body over 65536 bytes"}, 0)
+    status, answer, asked = asgi_post(app, chunked | admin, [piece] * (BIG_BODY_BYTES // len(piece)))
+    assert (status, answer, asked) == (413, {"detail": "request body over 65536 bytes"}, 5)
+    # A body within the limit, in pieces, reaches the route whole.
+    status, answer, _ = asgi_post(app, chunked | admin, [b'{"scope": ', b'"everything"}'])
+    assert (status, answer["detail"][0]["loc"]) == (422, ["body", "scope"])
+
+    # The same through an HTTP client.
+    client = TestClient(app)
+    big = b" " * BIG_BODY_BYTES
+    response = client.post(URL, content=big, headers={"Content-Type": "application/json"})
+    assert (response.status_code, response.json()) == (401, {"detail": "missing bearer token"})
+    response = client.post(URL, content=big, headers={"Content-Type": "application/json"} | admin)
+    assert (response.status_code, response.json()) == (413, {"detail": "request body over 65536 bytes"})
+
+
+def test_posts_beyond_a_tokens_rate_are_429_with_retry_after(api_resources, unreachable_url):
+    clock = [1000.0]
+    limit = TokenBuckets(2, clock=lambda: clock[0])  # 2 a minute: one more every 30 s
+    client = TestClient(create_app(api_resources, unreachable_url, SECRET, post_limit=limit))
+    refused = {"scope": "everything"}  # a 422, counted all the same: the limit applies before the body is read
+    headers = bearer(token())
+    assert [client.post(URL, json=refused, headers=headers).status_code for _ in range(2)] == [422, 422]
+    response = client.post(URL, json=refused, headers=headers)
+    assert (response.status_code, response.headers["Retry-After"], response.json()) == (
+        429,
+        "30",
+        {"detail": "rate limit: 2 POST requests a minute per token subject; retry in 30 s"},
+    )
+    # Another subject has a bucket of its own, and reads are not limited.
+    assert client.post(URL, json=refused, headers=bearer(token(sub="other@example.com"))).status_code == 422
+    assert client.get("/v1/admin/embedding-spec", headers=headers).status_code == 200
+    clock[0] += 15
+    response = client.post(URL, json=refused, headers=headers)
+    assert (response.status_code, response.headers["Retry-After"]) == (429, "15")
+    clock[0] += 16
+    assert client.post(URL, json=refused, headers=headers).status_code == 422
+
+
+@pytest.fixture
+def stoppable_database() -> EmbeddedPostgres:
+    """A PostgreSQL of its own, on a port of its own, for a test to stop."""
+    server = EmbeddedPostgres(data_dir=STATE_DIR / "api-outage-postgres", port=free_port(), database="outage")
+    server.ensure_running()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_database_that_goes_away_after_start_is_a_json_503_naming_no_host(
+    stoppable_database, api_resources, unreachable_url, caplog
+):
+    server = stoppable_database
+    db = AppDatabase(url=server.url)
+    client = TestClient(create_app(api_resources | {"db": db}, unreachable_url, SECRET))
+    first = client.post(URL, json={"scope": "all"}, headers=bearer(token()))
+    assert (first.status_code, first.json()["status"]) == (200, "nothing_to_do")
+
+    server.stop()
+    hidden = ("127.0.0.1", str(server.port), "heimdex", "outage", unreachable_url, "Traceback")
+    with caplog.at_level(logging.WARNING, logger="heimdex_assets.api.app"):
+        for response in (
+            client.post(URL, json={"scope": "all"}, headers=bearer(token())),
+            client.get("/v1/admin/embedding-spec", headers=bearer(token())),
+            client.post("/v1/admin/generations/scene_text/rollback", headers=bearer(token())),
+            client.get("/v1/search", params={"q": "narwhal"}, headers=bearer(token("viewer", uuid.uuid4()))),
+        ):
+            assert_unavailable(response, "the application database", *hidden)
+    records = [r for r in caplog.records if r.name == "heimdex_assets.api.app"]
+    assert len(records) == 4
+    for record in records:  # the log line names the server, without a traceback
+        assert f"@127.0.0.1:{server.port}/outage: OperationalError: " in record.getMessage()
+        assert record.exc_info is None
+    db.engine.dispose()

@@ -2,6 +2,7 @@
 once for the module) on the real PostgreSQL and OpenSearch."""
 
 import dataclasses
+import logging
 import uuid
 
 import pytest
@@ -10,7 +11,7 @@ from fastapi.testclient import TestClient
 from heimdex_assets.api import create_app
 from heimdex_assets.resources import AppDatabase, SearchIndex
 from heimdex_assets_tests import test_search as read_path
-from heimdex_assets_tests.api.test_admin_api import SECRET, bearer, token
+from heimdex_assets_tests.api.test_admin_api import SECRET, assert_unavailable, bearer, token
 from heimdex_assets_tests.test_backfills import free_port
 
 URL = "/v1/search"
@@ -88,7 +89,7 @@ def test_a_global_admin_names_the_owner_and_a_global_non_admin_is_refused(world,
     response = client.get(URL, params={"q": "zeppelin"}, headers=bearer(token()))
     assert (response.status_code, response.json()) == (
         400,
-        {"detail": "this token has no owner_id claim: pass owner_id=<uuid> to say whose scenes to search"},
+        {"detail": "this token is of scope 'global': pass owner_id=<uuid> to say whose scenes to search"},
     )
     named = client.get(URL, params={"q": "zeppelin", "owner_id": str(target.owner_id)}, headers=bearer(token()))
     assert named.status_code == 200, named.text
@@ -96,7 +97,7 @@ def test_a_global_admin_names_the_owner_and_a_global_non_admin_is_refused(world,
     response = client.get(URL, params={"q": "zeppelin", "owner_id": str(target.owner_id)}, headers=bearer(token("x")))
     assert (response.status_code, response.json()) == (
         403,
-        {"detail": "a token without an owner_id claim must be an admin's"},
+        {"detail": "a token of scope 'global' must be an admin's"},
     )
 
 
@@ -158,24 +159,28 @@ def test_malformed_parameters_are_422(world, client, params, field):
     assert response.json()["detail"][0]["loc"] == ["query", field]
 
 
-def test_an_unreachable_search_engine_or_database_is_a_one_line_503(world):
+def test_an_unreachable_search_engine_or_database_is_a_503_naming_no_host(world, caplog):
     corpus, resources = world
     headers = bearer(token(owner_id=corpus.owners[0].id))
     port = free_port()  # nothing listens there
     no_engine = resources | {"search_index": SearchIndex(opensearch_url=f"http://ops:hunter2@127.0.0.1:{port}")}
-    response = TestClient(create_app(no_engine, "http://127.0.0.1:1/graphql", SECRET)).get(
-        URL, params={"q": "narwhal", "mode": "lexical"}, headers=headers
-    )
-    assert (response.status_code, response.json()) == (
-        503,
-        {"detail": f"cannot reach OpenSearch at http://127.0.0.1:{port}: ConnectionError"},
-    )
     no_database = resources | {"db": AppDatabase(url=f"postgresql://ops:hunter2@127.0.0.1:{port}/heimdex")}
-    response = TestClient(create_app(no_database, "http://127.0.0.1:1/graphql", SECRET)).get(
-        URL, params={"q": "narwhal", "mode": "semantic"}, headers=headers
+    with caplog.at_level(logging.WARNING, logger="heimdex_assets.api.app"):
+        response = TestClient(create_app(no_engine, "http://127.0.0.1:1/graphql", SECRET)).get(
+            URL, params={"q": "narwhal", "mode": "lexical"}, headers=headers
+        )
+        assert_unavailable(response, "the search index", "127.0.0.1", str(port), "ops", "hunter2")
+        response = TestClient(create_app(no_database, "http://127.0.0.1:1/graphql", SECRET)).get(
+            URL, params={"q": "narwhal", "mode": "semantic"}, headers=headers
+        )
+        assert_unavailable(response, "the application database", "127.0.0.1", str(port), "ops", "hunter2")
+    logged = [r.getMessage() for r in caplog.records if r.name == "heimdex_assets.api.app"]
+    assert logged[0] == (
+        f"GET {URL} answered 503, the search index unavailable: "
+        f"cannot reach OpenSearch at http://127.0.0.1:{port}: ConnectionError"
     )
-    assert response.status_code == 503
-    assert response.json()["detail"].startswith(
+    assert logged[1].startswith(
+        f"GET {URL} answered 503, the application database unavailable: "
         f"cannot reach the application database at postgresql+psycopg://ops:***@127.0.0.1:{port}/heimdex: "
     )
-    assert "hunter2" not in response.text
+    assert "hunter2" not in "".join(logged)
