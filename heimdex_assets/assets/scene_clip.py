@@ -24,20 +24,30 @@ class LoadedThumbnail:
     error: str | None = None
 
 
-def load_thumbnail(blobs: BlobStore, clip: ClipEmbedder, item: Item) -> LoadedThumbnail:
+def decode_size(clip: ClipEmbedder) -> tuple[int, int] | None:
+    """The smallest decoded size worth having: twice the model's input side, as ``Image.thumbnail`` keeps
+    before its antialiased resize (a 1080p JPEG decodes at half scale for a 224 px model)."""
+    size = clip.input_size
+    return (2 * size[0], 2 * size[1]) if size is not None else None
+
+
+def load_thumbnail(
+    blobs: BlobStore, clip: ClipEmbedder, item: Item, at_least: tuple[int, int] | None = None
+) -> LoadedThumbnail:
     """Read, verify, decode and preprocess one thumbnail; a failure becomes a reason, not an exception."""
     try:
-        image = blobs.read_declared_image(item.payload["uri"], item.payload["declared_sha256"])
+        image = blobs.read_declared_image(item.payload["uri"], item.payload["declared_sha256"], at_least)
         return LoadedThumbnail(item, tensor=clip.preprocess(image))
     except BlobError as exc:
         return LoadedThumbnail(item, error=str(exc))
 
 
 def embed_thumbnails(blobs: BlobStore, clip: ClipEmbedder, items: list[Item]) -> dict[str, ItemOutput]:
-    """Threads read and decode the next thumbnails while the model embeds a full batch; at most two
-    batches of images are held at a time, however many scenes the run has."""
+    """``clip.workers`` threads read and decode the next thumbnails while the model embeds a full batch;
+    at most two batches of images are held at a time, however many scenes the run has."""
     outputs: dict[str, ItemOutput] = {}
     batch: list[LoadedThumbnail] = []
+    at_least = decode_size(clip) if items else None
 
     def embed_batch() -> None:
         for t, vector in zip(batch, clip.embed_tensors([t.tensor for t in batch]), strict=True):
@@ -45,7 +55,10 @@ def embed_thumbnails(blobs: BlobStore, clip: ClipEmbedder, items: list[Item]) ->
             outputs[t.item.item_id] = ItemOutput(rows={STEP.table.name: [row]})
         batch.clear()
 
-    for t in prefetch_map(lambda i: load_thumbnail(blobs, clip, i), items, window=2 * clip.batch_size):
+    def load(item: Item) -> LoadedThumbnail:
+        return load_thumbnail(blobs, clip, item, at_least)
+
+    for t in prefetch_map(load, items, workers=clip.workers, window=2 * clip.batch_size):
         if t.error is not None:
             outputs[t.item.item_id] = ItemOutput(error=t.error)
             continue

@@ -85,12 +85,73 @@ def clip_model_id(model_name: str, pretrained: str | None, checkpoint_path: str 
     return f"open_clip:{model_name}/random"
 
 
+# Per device kind: images per model batch and threads reading and decoding thumbnails ahead of the model.
+# CPU: today's batch (the model is the bottleneck); CUDA: batches that keep the GPU busy, and enough decoders to
+# feed it (untested on a GPU here).
+DEVICE_DEFAULTS = {"cpu": {"batch_size": 32, "decode_workers": 4}, "cuda": {"batch_size": 256, "decode_workers": 8}}
+
+
+class FastPreprocess:
+    """open_clip's evaluation transform (Resize of the short side, bicubic → CenterCrop → RGB → to tensor →
+    Normalize), split in two: per image, the PIL part to a uint8 (H, W, 3) tensor (in worker threads: PIL
+    releases the GIL); per batch, ``to_model_input`` scales and normalises the stacked bytes in one vectorised
+    operation, on the model's device (stacking contiguous channels-last bytes is a plain copy). The same
+    arithmetic as ``ToTensor`` then ``Normalize`` (x / 255, - mean, / std) on the same contiguous layout, so
+    the same floats and vectors, at a quarter of the bytes per image and without four tensor operations each.
+
+    ``from_transform`` returns None for any other transform: the caller keeps the original."""
+
+    def __init__(self, size: int, interpolation: Any, crop: tuple[int, int], mean: Any, std: Any) -> None:
+        self.size, self.interpolation, self.crop = size, interpolation, crop
+        self.mean, self.std = mean, std
+
+    @classmethod
+    def from_transform(cls, transform: Any) -> FastPreprocess | None:
+        from open_clip.transform import MaybeConvertMode, MaybeToTensor
+        from torchvision import transforms as T
+
+        steps = list(getattr(transform, "transforms", []))
+        kinds = [type(t) for t in steps]
+        if kinds != [T.Resize, T.CenterCrop, MaybeConvertMode, MaybeToTensor, T.Normalize]:
+            return None
+        resize, crop, mode, _, normalize = steps
+        if not isinstance(resize.size, int) or resize.max_size is not None or mode.mode != "RGB":
+            return None
+        if normalize.inplace:
+            return None
+        size = crop.size if isinstance(crop.size, tuple) else (crop.size, crop.size)
+        return cls(resize.size, resize.interpolation, tuple(size), normalize.mean, normalize.std)
+
+    def __call__(self, image: Image.Image) -> Any:
+        """The image resized and cropped as the model expects, as a uint8 (H, W, 3) tensor."""
+        import torch
+        from torchvision.transforms import functional as F
+
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        image = F.center_crop(F.resize(image, self.size, self.interpolation), list(self.crop))
+        return torch.from_numpy(np.array(image))
+
+    def to_model_input(self, batch: Any, device: str) -> Any:
+        """Stacked uint8 images (N, H, W, 3) → the normalised float32 input (N, 3, H, W) on ``device``."""
+        import torch
+
+        # Contiguous NCHW, as open_clip's transform gives: a channels-last input takes other conv kernels,
+        # whose rounding would move vectors by ~1e-7 and rewrite equal rows. Reordered while still bytes
+        # (4x cheaper than reordering floats).
+        x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float().div_(255)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
 class LoadedClip:
     """A loaded open_clip model with its preprocessing, tokenizer and the id its vectors carry."""
 
     def __init__(self, model: Any, preprocess: Any, tokenizer: Any, model_id: str, device: str) -> None:
         self.model = model
-        self.preprocess = preprocess
+        self.transform = preprocess  # open_clip's own: float tensors, already normalised
+        self.fast = FastPreprocess.from_transform(preprocess)
+        self.preprocess = self.fast or preprocess
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.device = device
@@ -225,7 +286,8 @@ class ClipEmbedder(dg.ConfigurableResource):
     pretrained: str | None = "openai"
     checkpoint_path: str | None = None
     device: str = "auto"
-    batch_size: int = 32
+    images_per_batch: int | None = None  # None: from the device (``DEVICE_DEFAULTS``)
+    decode_workers: int | None = None  # threads reading and decoding images ahead; None: from the device
 
     _clip: LoadedClip | None = PrivateAttr(default=None)
 
@@ -264,6 +326,30 @@ class ClipEmbedder(dg.ConfigurableResource):
         return self._loaded().dimension
 
     @property
+    def device_kind(self) -> str:
+        """``cuda`` or ``cpu``: where the model runs (``auto`` picks CUDA when torch sees a GPU)."""
+        if self._clip is not None:
+            return "cuda" if str(self._clip.device).startswith("cuda") else "cpu"
+        return "cuda" if _pick_device(self.device).startswith("cuda") else "cpu"
+
+    @property
+    def batch_size(self) -> int:
+        """Images per model batch: ``images_per_batch``, else the device's default (CPU 32, CUDA 256)."""
+        return self.images_per_batch or DEVICE_DEFAULTS[self.device_kind]["batch_size"]
+
+    @property
+    def workers(self) -> int:
+        """Threads that read and decode images ahead of the model: ``decode_workers``, else the device's
+        default (CPU 4, CUDA 8)."""
+        return self.decode_workers or DEVICE_DEFAULTS[self.device_kind]["decode_workers"]
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The (width, height) the model's preprocessing resizes to, when known: decoders may stop at twice that."""
+        fast = self._loaded().fast
+        return (fast.size, fast.size) if fast is not None else None
+
+    @property
     def is_placeholder(self) -> bool:
         """True for random weights (``tiny-random``, the ``heimdex-tiny`` test architecture, no
         pretrained weights): fine for image-to-image plumbing, meaningless for text-to-image ranking.
@@ -273,18 +359,33 @@ class ClipEmbedder(dg.ConfigurableResource):
         return not self.checkpoint_path and not self.pretrained
 
     def preprocess(self, image: Image.Image) -> Any:
-        """The model's input tensor for one image (CPU; safe to call from worker threads)."""
-        return self._loaded().preprocess(image.convert("RGB"))
+        """The model's input for one image, for ``embed_tensors`` (CPU; safe to call from worker threads):
+        a uint8 (H, W, 3) tensor resized and cropped, normalised later per batch (open_clip's normalised
+        float (3, H, W) tensor when its transform is not the usual one)."""
+        return self._loaded().preprocess(image if image.mode == "RGB" else image.convert("RGB"))
+
+    def _model_input(self, clip: LoadedClip, tensors: list[Any]) -> Any:
+        import torch
+
+        if clip.fast is not None and all(t.dtype == torch.uint8 for t in tensors):
+            batch = torch.stack(tensors)
+            if str(clip.device).startswith("cuda"):
+                batch = batch.pin_memory()  # an asynchronous copy to the GPU
+            return clip.fast.to_model_input(batch, clip.device)
+        floats = [clip.fast.to_model_input(t[None], "cpu")[0] if t.dtype == torch.uint8 else t for t in tensors]
+        return torch.stack(floats).to(clip.device)
 
     def embed_tensors(self, tensors: list[Any]) -> np.ndarray:
-        """Unit vectors for preprocessed images, in batches of ``batch_size``."""
+        """Unit vectors for preprocessed images, in batches of ``batch_size``. On CUDA the model runs under
+        fp16 autocast (vectors within about 1e-3 of fp32); on CPU in fp32."""
         import torch
 
         clip = self._loaded()
+        cuda = str(clip.device).startswith("cuda")
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             for start in range(0, len(tensors), self.batch_size):
-                batch = torch.stack(tensors[start : start + self.batch_size]).to(clip.device)
+                batch = self._model_input(clip, tensors[start : start + self.batch_size])
                 feats = clip.model.encode_image(batch).float()
                 out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, clip.dimension), dtype=np.float32)
@@ -298,7 +399,8 @@ class ClipEmbedder(dg.ConfigurableResource):
         import torch
 
         clip = self._loaded()
-        with torch.inference_mode():
+        cuda = str(clip.device).startswith("cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             tokens = clip.tokenizer(texts).to(clip.device)
             feats = clip.model.encode_text(tokens).float()
             return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()

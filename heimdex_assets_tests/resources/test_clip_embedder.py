@@ -223,3 +223,53 @@ def test_settings_read_the_model_and_ignore_a_leftover_fallback(monkeypatch, tin
     clip = clip_from_env()
     assert (clip.model_name, clip.checkpoint_path, clip.device) == (TINY_MODEL, str(tiny_clip_checkpoint), "cpu")
     assert clip.model_id == f"open_clip:{TINY_MODEL}@sha256:{file_sha256(tiny_clip_checkpoint)[:16]}"
+
+
+@pytest.mark.parametrize("model_name", [TINY_RANDOM_MODEL, "heimdex-zero-cost"])
+def test_uint8_preprocessing_gives_open_clips_exact_input_and_vectors(model_name):
+    """preprocess hands over resized bytes and embed_tensors normalises them per batch: the same floats as
+    open_clip's own transform, so the same vectors (mixed inputs too)."""
+    import torch
+
+    clip = ClipEmbedder(model_name=model_name, pretrained=None, device="cpu")
+    loaded = clip._loaded()
+    images = [image(seed) for seed in range(3)] + [image(9).resize((300, 120)), image(4).convert("L")]
+    fast = [clip.preprocess(im) for im in images]
+    assert all(t.dtype == torch.uint8 and t.shape[-1] == 3 for t in fast)
+    reference = torch.stack([loaded.transform(im.convert("RGB")) for im in images])
+    assert torch.equal(loaded.fast.to_model_input(torch.stack(fast), "cpu"), reference)
+    expected = clip.embed_tensors(list(reference))
+    assert np.array_equal(clip.embed_tensors(fast), expected)
+    assert np.array_equal(clip.embed_tensors([fast[0], reference[1], *fast[2:]]), expected)
+    assert np.array_equal(clip.embed_images(images), expected)
+
+
+def test_batch_size_and_decode_workers_follow_the_device():
+    """CPU keeps today's batch of 32 (4 decode threads); configuration overrides; auto is CPU without a GPU."""
+    import torch
+
+    cpu = ClipEmbedder(model_name=TINY_RANDOM_MODEL, device="cpu")
+    assert (cpu.device_kind, cpu.batch_size, cpu.workers) == ("cpu", 32, 4)
+    set_ = ClipEmbedder(model_name=TINY_RANDOM_MODEL, device="cpu", images_per_batch=5, decode_workers=2)
+    assert (set_.batch_size, set_.workers) == (5, 2)
+    assert clip_embedder.DEVICE_DEFAULTS["cuda"] == {"batch_size": 256, "decode_workers": 8}
+    auto = ClipEmbedder(model_name=TINY_RANDOM_MODEL, device="auto")
+    assert auto.device_kind == ("cuda" if torch.cuda.is_available() else "cpu")
+    # Batches of 5 give the vectors of one batch of all.
+    images = [image(seed) for seed in range(12)]
+    assert np.allclose(set_.embed_images(images), cpu.embed_images(images), atol=1e-6)
+
+
+def test_jpeg_decodes_reduced_to_what_the_model_needs_and_png_whole(tmp_path):
+    import io
+
+    from heimdex_assets.resources.blob_store import decode_image
+
+    big = image().resize((1920, 1080))
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    big.save(jpeg, format="JPEG")
+    big.save(png, format="PNG")
+    assert decode_image(jpeg.getvalue(), "a.jpg").size == (1920, 1080)
+    reduced = decode_image(jpeg.getvalue(), "a.jpg", at_least=(448, 448))
+    assert reduced.mode == "RGB" and reduced.size == (960, 540)  # 1/4 would leave 270 px < 448
+    assert decode_image(png.getvalue(), "a.png", at_least=(448, 448)).size == (1920, 1080)
