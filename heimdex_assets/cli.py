@@ -9,9 +9,12 @@ import argparse
 import json
 import logging
 import sys
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+
+from sqlalchemy import text
 
 from heimdex_assets.db.engine import DatabaseUnavailableError
 from heimdex_assets.generations import ActivationError
@@ -23,18 +26,30 @@ from heimdex_assets.resources.search_index import SearchIndexError
 from heimdex_assets.search import SearchError
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
 
+# Backfill states that mean every partition ran (older Dagster versions say COMPLETED).
+SUCCESS_STATUSES = frozenset({"COMPLETED", "COMPLETED_SUCCESS"})
+FAILED_NAMED = 20  # failed partitions named in an error; the rest are counted
+WAIT_POLL_S = 2.0  # how often --wait asks the webserver
+
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}")
-    sys.stderr.flush()
-    if done >= total:
-        sys.stderr.write("\n")
+def _demo_progress() -> Callable[..., None]:
+    """The demo's progress callback: one bar per phase (videos, then owners), on stderr."""
+    from heimdex_assets.progress import ProgressBar
+
+    bars: dict[str, ProgressBar] = {}
+
+    def progress(label: str, done: int, total: int, *, failed: int, scenes: int, scenes_total: int) -> None:
+        if label not in bars:
+            bars[label] = ProgressBar(total, label=label, scenes_total=scenes_total or None)
+        bars[label].update(done, failed=failed, scenes=scenes if scenes_total else None)
+        if done >= total:
+            bars[label].close()
+
+    return progress
 
 
 def demo(args: argparse.Namespace) -> dict:
@@ -46,7 +61,7 @@ def demo(args: argparse.Namespace) -> dict:
             args.videos_per_owner,
             args.scenes,
             say=(lambda _: None) if args.json else (lambda msg: print(msg, flush=True)),
-            progress=None if args.json else _progress,
+            progress=_demo_progress(),
         )
     except DemoError as exc:
         raise CliError(str(exc)) from None
@@ -75,12 +90,15 @@ def reprocess(args: argparse.Namespace) -> dict:
     """Plan the reprocessing of a scope, like the seed's CLI, and launch it as backfills on the Dagster
     deployment (``HEIMDEX_DAGSTER_GRAPHQL_URL``), or with --sync run it in this process."""
     from heimdex_assets.backfills import BackfillError, graphql_url_from_env, launch_plan_backfills
-    from heimdex_assets.launch import dagster_instance
+    from heimdex_assets.launch import dagster_instance, partition_weights
     from heimdex_assets.models import expected_models
     from heimdex_assets.partitions import canonical_uuid
-    from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess, run_plan
+    from heimdex_assets.progress import ProgressBar
+    from heimdex_assets.reprocess import ReprocessRequest, partition_groups, plan_reprocess, run_plan
     from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
 
+    if args.timeout is not None and not args.wait:
+        raise CliError("--timeout goes with --wait")
     try:
         since = datetime.fromisoformat(args.since) if args.since else None
     except ValueError:
@@ -94,6 +112,7 @@ def reprocess(args: argparse.Namespace) -> dict:
         since=since,
         force=args.force,
         retry_failed=args.retry_failed,
+        steps=tuple(args.steps + args.assets) or None,
     )
     resources = follow_recorded_placeholder(resources_from_env(deferred=False))
     with resources["db"].engine.connect() as conn:
@@ -111,45 +130,85 @@ def reprocess(args: argparse.Namespace) -> dict:
                 "states": a.states,
                 "items_stale": a.items_stale,
                 "items_failed": a.items_failed,
+                "selected": a.selected,
+                "partitions_left": a.partitions_left,
             }
             for k, a in plan.assets.items()
         },
         "estimated_openai_tokens": plan.estimated_openai_tokens,
         "estimated_openai_cost_usd": plan.estimated_openai_cost_usd,
+        "estimate_exact": plan.estimate_exact,
     }
     if args.dry_run or plan.empty:
-        return result | {"message": "nothing to do: every partition is fresh" if plan.empty else "plan only"}
+        fresh = "every selected step is fresh" if request.steps else "every partition is fresh"
+        return result | {"message": f"nothing to do: {fresh}" if plan.empty else "plan only"}
+    with resources["db"].engine.connect() as conn:
+        scenes_per_video = _scene_counts(conn, plan)
+        launched_at = conn.execute(text("SELECT now()")).scalar_one()  # the database's clock, as the ledger's
+        weights = {kind: partition_weights(conn, kind) for kind in ("video", "owner")}
     if not args.sync:
+        url = graphql_url_from_env()
         try:
-            launched = launch_plan_backfills(plan, graphql_url_from_env())
+            launched = launch_plan_backfills(plan, url, weights=weights)
         except BackfillError as exc:
             raise CliError(str(exc)) from None
         ids = ", ".join(b.backfill_id for b in launched)
-        return result | {
+        result |= {
             "backfills": [
                 {"backfill_id": b.backfill_id, "assets": b.asset_keys, "partitions": b.partition_count}
                 for b in launched
             ],
             "message": f"launched {len(launched)} backfill(s) with spec {LATEST_EMBEDDING_SPEC_VERSION}: {ids}",
         }
+        if not args.wait:
+            return result
+        statuses = _follow_backfills(url, launched, plan, scenes_per_video, args.timeout)
+        for entry in result["backfills"]:
+            s = statuses[entry["backfill_id"]]
+            entry |= {"status": s["status"], "completed": s["completed"], "failed": s["failed"]}
+        unfinished = [s for s in statuses.values() if s["status"] not in SUCCESS_STATUSES or s["failed"]]
+        if unfinished:
+            with resources["db"].engine.connect() as conn:
+                not_redone = _not_redone(conn, plan, launched_at)
+            states = ", ".join(f"{s['backfill_id']} {s['status']}" for s in unfinished)
+            if not not_redone:  # Dagster counts failures the ledger does not show: say what Dagster says
+                n = sum(s["failed"] for s in unfinished)
+                raise CliError(
+                    f"backfill(s) {states}: {n} asset partition(s) failed; see {_backfill_urls(url, unfinished)}"
+                )
+            raise CliError(f"backfill(s) {states}: {_name_partitions(not_redone)} not redone")
+        return result | {"message": f"{result['message']}; all completed"}
     say = (lambda _: None) if args.json else (lambda msg: print(msg, flush=True))
     say(f"Using embedding spec version: {LATEST_EMBEDDING_SPEC_VERSION}")
-    totals: dict[str, int] = {}
+    groups = partition_groups(plan)
+    bar = ProgressBar(
+        sum(len(g.asset_keys) * len(g.partitions) for g in groups),
+        scenes_total=sum(scenes_per_video.get(k, 0) for g in groups for k in g.partitions) or None,
+    )
+    counts = {"done": 0, "failed": 0, "scenes": 0}
+    bar.update(0, scenes=0)
 
     def progress(label: str, outcome: object) -> None:
-        totals[label] = totals.get(label, 0) + len(outcome.keys)
-        if not args.json:
-            total = len(next(a for k, a in plan.assets.items() if k in label).partitions)
-            _progress(totals[label], total, label)
+        n = len(outcome.keys) * len(label.split(", "))  # run_plan's label: the run's assets
+        counts["done"] += n
+        if outcome.success:
+            counts["scenes"] += sum(scenes_per_video.get(k, 0) for k in outcome.keys)
+        else:
+            counts["failed"] += n
+        bar.update(counts["done"], failed=counts["failed"], scenes=counts["scenes"])
 
-    outcomes = run_plan(plan, resources, dagster_instance(), on_range_done=progress)
-    failed = [o for runs in outcomes.values() for o in runs if not o.success]
+    try:
+        outcomes = run_plan(plan, resources, dagster_instance(), on_range_done=progress)
+    finally:
+        bar.close()
+    failed = [(label, o) for label, runs in outcomes.items() for o in runs if not o.success]
     result |= {
         "runs": sum(len(r) for r in outcomes.values()),
-        "failed_runs": [{"keys": f"{o.keys[0]}..{o.keys[-1]}", "error": o.error} for o in failed],
+        "failed_runs": [{"keys": f"{o.keys[0]}..{o.keys[-1]}", "error": o.error} for _, o in failed],
     }
     if failed:
-        raise CliError(f"{len(failed)} run(s) failed; first: {failed[0].error}")
+        named = _name_partitions({k: label.split(", ") for label, o in failed for k in o.keys})
+        raise CliError(f"{len(failed)} run(s) failed, {named} not redone; first error: {failed[0][1].error}")
     redone = sum(len(a.partitions) for a in plan.assets.values())
     return result | {
         "message": f"redid {redone} asset partition(s) across {plan.video_count} video(s) in scope, "
@@ -157,16 +216,124 @@ def reprocess(args: argparse.Namespace) -> dict:
     }
 
 
+def _scene_counts(conn: object, plan: object) -> dict[str, int]:
+    """Scenes per video partition of ``plan`` (the work behind a partition, for scenes/s)."""
+    from heimdex_assets.steps import step_for_asset
+
+    keys = sorted(
+        {k for key, a in plan.assets.items() if step_for_asset(key).partitioning == "video" for k in a.partitions}
+    )
+    rows = conn.execute(
+        text("SELECT video_id::text, count(*) FROM scenes WHERE video_id = ANY(CAST(:ids AS uuid[])) GROUP BY 1"),
+        {"ids": keys},
+    )
+    return {video: int(n) for video, n in rows}
+
+
+def _follow_backfills(
+    url: str, launched: list, plan: object, scenes_per_video: dict[str, int], timeout_s: float | None
+) -> dict[str, dict]:
+    """Poll the backfills every ~2 s, with a progress bar, until every one is in a final state; their last
+    statuses. Scenes done are counted as a backfill's scenes times the share of its partitions completed."""
+    from heimdex_assets.backfills import BackfillError, backfill_status
+    from heimdex_assets.progress import ProgressBar
+
+    planned = {b.backfill_id: len(b.asset_keys) * b.partition_count for b in launched}
+    scenes_of = {
+        b.backfill_id: sum(
+            scenes_per_video.get(k, 0)
+            for k in (b.partitions or {k for a in b.asset_keys for k in plan.assets[a].partitions})
+        )
+        for b in launched
+    }
+    bar = ProgressBar(sum(planned.values()), scenes_total=sum(scenes_of.values()) or None)
+    follow = f"they continue on Dagster: follow them at {_backfill_urls(url, launched)}"
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                statuses = {b: backfill_status(url, b) for b in planned}
+            except BackfillError as exc:
+                raise CliError(f"{exc}; the backfills were launched and {follow}") from None
+            totals = {b: max(s["requested"], planned[b]) for b, s in statuses.items()}
+            bar.update(
+                sum(s["completed"] + s["failed"] for s in statuses.values()),
+                failed=sum(s["failed"] for s in statuses.values()),
+                scenes=round(sum(scenes_of[b] * s["completed"] / totals[b] for b, s in statuses.items())),
+                total=sum(totals.values()),
+            )
+            if all(s["done"] for s in statuses.values()):
+                return statuses
+            if deadline is not None and time.monotonic() >= deadline:
+                running = ", ".join(b for b, s in statuses.items() if not s["done"])
+                raise CliError(f"backfill(s) {running} still running after --timeout {timeout_s:g} s; {follow}")
+            time.sleep(WAIT_POLL_S if deadline is None else max(0.0, min(WAIT_POLL_S, deadline - time.monotonic())))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped following the backfills; {follow}") from None
+    finally:
+        bar.close()
+
+
+def _backfill_urls(graphql_url: str, backfills: list) -> str:
+    """The Dagster UI pages of ``backfills`` (LaunchedBackfills or status dicts)."""
+    base = graphql_url.removesuffix("/").removesuffix("/graphql")
+    ids = [b.backfill_id if hasattr(b, "backfill_id") else b["backfill_id"] for b in backfills]
+    return " ".join(f"{base}/runs/b/{i}" for i in ids)
+
+
+def _not_redone(conn: object, plan: object, since: datetime) -> dict[str, list[str]]:
+    """Per partition of ``plan``, the assets whose ledger shows no write of the plan's generation since
+    ``since`` (the launch): what failed, or never ran in a canceled backfill."""
+    from heimdex_assets.steps import step_for_asset
+
+    missing: dict[str, list[str]] = {}
+    for asset_key, a in plan.assets.items():
+        if not a.partitions:
+            continue
+        written = set(
+            conn.execute(
+                text(
+                    "SELECT partition_id::text FROM partition_ledger WHERE step = :step AND step_version = :version "
+                    "AND model_id = :model AND written_at >= :since AND partition_id = ANY(CAST(:ids AS uuid[]))"
+                ),
+                {
+                    "step": step_for_asset(asset_key).name,
+                    "version": a.step_version,
+                    "model": a.model_id,
+                    "since": since,
+                    "ids": a.partitions,
+                },
+            ).scalars()
+        )
+        for key in a.partitions:
+            if key not in written:
+                missing.setdefault(key, []).append(asset_key)
+    return missing
+
+
+def _name_partitions(assets_by_partition: dict[str, list[str]]) -> str:
+    """``N partition(s): key (assets), ...`` naming the first 20, counting the rest."""
+    named = [f"{k} ({', '.join(a)})" for k, a in list(assets_by_partition.items())[:FAILED_NAMED]]
+    more = len(assets_by_partition) - len(named)
+    return f"{len(assets_by_partition)} partition(s): {', '.join(named)}" + (f" and {more} more" if more else "")
+
+
 def _print_reprocess(result: dict) -> None:
     print(f"embedding spec {result['spec_version']}, scope {result['scope']}: {result['video_count']} video(s)")
     print(f"{'asset':<26} {'version':<11} {'partitions':>10} {'items':>7} {'failed':>7}  model")
+    left_out = {k: a for k, a in result["assets"].items() if not a["selected"]}
     for asset_key, a in result["assets"].items():
-        print(
-            f"{asset_key:<26} {a['step_version']:<11} {a['partitions']:>10} {a['items_stale']:>7} "
-            f"{a['items_failed']:>7}  {a['model_id']}"
-        )
+        if asset_key not in left_out:
+            print(
+                f"{asset_key:<26} {a['step_version']:<11} {a['partitions']:>10} {a['items_stale']:>7} "
+                f"{a['items_failed']:>7}  {a['model_id']}"
+            )
+    for asset_key, a in left_out.items():
+        n = a["partitions_left"]
+        print(f"{asset_key}: {f'{n} partitions stale' if n else 'fresh'}, not redone (not selected)")
     tokens = result["estimated_openai_tokens"]
-    print(f"estimated OpenAI tokens: {tokens} (about ${result['estimated_openai_cost_usd']:.4f})")
+    how = "" if result["estimate_exact"] else ", partly extrapolated from bytes"
+    print(f"estimated OpenAI tokens: {tokens} (about ${result['estimated_openai_cost_usd']:.4f}{how})")
     print(result["message"])
 
 
@@ -448,10 +615,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="only videos updated at or after this ISO time")
     p.add_argument("--force", action="store_true", help="redo every partition of the scope, fresh or not")
     p.add_argument("--retry-failed", action="store_true", help="also retry items that failed recently")
+    p.add_argument(
+        "--step",
+        dest="steps",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this step and the steps downstream of it (repeatable); e.g. scene_text",
+    )
+    p.add_argument(
+        "--asset",
+        dest="assets",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="only the step producing this asset and its downstream (repeatable); e.g. scene_text_embeddings",
+    )
     p.add_argument("--dry-run", action="store_true", help="show the plan (partitions, items, OpenAI estimate)")
     p.add_argument(
         "--sync", action="store_true", help="run in this process, with progress (default: launch backfills on Dagster)"
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the launched backfills to their end with a progress bar; exit 1 naming the partitions not redone",
+    )
+    p.add_argument("--timeout", type=float, help="with --wait: stop following after this many seconds (exit 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=reprocess, printer=_print_reprocess)
 
@@ -514,8 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         print(f"heimdex: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("heimdex: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"heimdex: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(result, indent=2, default=str))

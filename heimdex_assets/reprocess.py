@@ -2,8 +2,10 @@
 
 ``plan_reprocess`` resolves a scope (one video, one owner, everything; optionally only videos
 updated since a time) to the partitions each asset must redo: stale and missing ones by the SQL
-freshness of ``freshness.py``, every one with ``force``, failed ones too with ``retry_failed``. It
-estimates what the text step would cost on the OpenAI API (texts not in the cache only).
+freshness of ``freshness.py``, every one with ``force``, failed ones too with ``retry_failed``; with
+``steps``, only for those steps and the steps downstream of them (the others are still counted, so an
+operator sees what was left stale). It estimates what the text step would cost on the OpenAI API
+(texts not in the cache only), counting tokens with the model's own tokenizer (``tokens.py``).
 ``run_plan`` materialises the plan in-process in contiguous ranges, with the owner scope as a run tag.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -19,11 +21,11 @@ from typing import Literal
 from sqlalchemy import Connection, select, text
 
 from heimdex_assets.db.tables import persons, videos
-from heimdex_assets.freshness import partition_states
-from heimdex_assets.resources.text_embedder import BYTES_PER_TOKEN_ESTIMATE
+from heimdex_assets.freshness import PartitionState, partition_states
 from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG, RETRY_FAILED_TAG
-from heimdex_assets.steps import STEPS, step_for_asset
+from heimdex_assets.steps import STEPS, Step, downstream, step_for_asset
 from heimdex_assets.steps import step as step_named
+from heimdex_assets.tokens import BYTES_PER_TOKEN_ESTIMATE, count_tokens
 
 Scope = Literal["video", "owner", "all"]
 # USD per 1M input tokens (OpenAI price list, 2026-01).
@@ -32,6 +34,10 @@ OPENAI_PRICE_PER_MILLION = {
     "text-embedding-3-large": 0.13,
     "text-embedding-ada-002": 0.10,
 }
+# Input bytes whose tokens a plan counts with the tokenizer (about 1.5 s of tokenizing); past them, the
+# rest is extrapolated at the tokens-per-byte ratio just measured, so a plan over a whole corpus stays fast.
+EXACT_TOKEN_BYTES = 8 * 2**20
+TOKEN_COUNT_BATCH = 500  # partitions whose texts are read at a time
 
 
 class ReprocessError(ValueError):
@@ -52,11 +58,14 @@ class ReprocessRequest:
     since: datetime | None = None
     force: bool = False
     retry_failed: bool = False
+    # Only these steps (names, or their asset keys) and the steps downstream of them; None: every step.
+    steps: tuple[str, ...] | None = None
 
 
 @dataclass
 class AssetPlan:
-    """One asset's share of a plan: the partitions to run and the items behind them."""
+    """One asset's share of a plan: the partitions to run and the items behind them. An asset that was not
+    selected (``selected`` False) runs nothing; its states and counts say what it leaves stale."""
 
     asset_key: str
     step_version: str
@@ -65,6 +74,8 @@ class AssetPlan:
     states: dict[str, int] = field(default_factory=dict)
     items_stale: int = 0
     items_failed: int = 0
+    selected: bool = True
+    partitions_left: int = 0  # partitions it would redo if selected
 
 
 @dataclass
@@ -77,6 +88,8 @@ class ReprocessPlan:
     assets: dict[str, AssetPlan]
     estimated_openai_tokens: int = 0
     estimated_openai_cost_usd: float = 0.0
+    # True when every estimated token was counted by the model's tokenizer (not extrapolated or from bytes).
+    estimate_exact: bool = True
 
     @property
     def empty(self) -> bool:
@@ -114,13 +127,32 @@ def _scope_videos(conn: Connection, request: ReprocessRequest) -> tuple[list[uui
     return list(conn.execute(q.order_by(videos.c.owner_id, videos.c.created_at, videos.c.id)).scalars()), owner_scope
 
 
+def selected_steps(names: Iterable[str] | None) -> set[str]:
+    """The step names that ``names`` (step names or asset keys) select, with everything downstream of them;
+    every step for None. Raises ReprocessError naming the valid choices for an unknown one."""
+    if names is None:
+        return {s.name for s in STEPS}
+    by_name = {s.name: s for s in STEPS} | {s.asset_key: s for s in STEPS}
+    chosen: set[str] = set()
+    for name in names:
+        if name not in by_name:
+            valid = ", ".join(f"{s.name} ({s.asset_key})" for s in STEPS)
+            raise ReprocessError(f"unknown step {name!r}; steps (and their assets): {valid}")
+        chosen |= {by_name[name].name} | {s.name for s in downstream(by_name[name].name)}
+    if not chosen:
+        raise ReprocessError("no step selected; leave steps out to plan every step")
+    return chosen
+
+
 def plan_reprocess(conn: Connection, request: ReprocessRequest, models: dict[str, str]) -> ReprocessPlan:
     """The partitions each asset must redo for ``request``; ``models``: the model identity per step that
     the deployment expects (``heimdex_assets.models.expected_models``).
 
     Plans follow the graph: a partition a step redoes is redone by the steps downstream of it too
-    (photo vectors → query vectors), in the same plan, after it.
+    (photo vectors → query vectors), in the same plan, after it. Steps ``request.steps`` leaves out are
+    planned to redo nothing, with ``partitions_left`` saying what they would have redone.
     """
+    selected = selected_steps(request.steps)
     video_ids, owner_scope = _scope_videos(conn, request)
     owner_ids: list[uuid.UUID] = []
     if request.scope == "owner":
@@ -134,7 +166,7 @@ def plan_reprocess(conn: Connection, request: ReprocessRequest, models: dict[str
     plan = ReprocessPlan(request, owner_scope, len(video_ids), {})
     for step in STEPS:
         ids = video_ids if step.partitioning == "video" else owner_ids
-        asset = AssetPlan(step.asset_key, step.version, models[step.name])
+        asset = AssetPlan(step.asset_key, step.version, models[step.name], selected=step.name in selected)
         if ids:
             if request.scope == "all" and request.since is None:  # every READY video / owner: ship no id list
                 states = partition_states(conn, step, models)
@@ -143,18 +175,69 @@ def plan_reprocess(conn: Connection, request: ReprocessRequest, models: dict[str
             chosen = {k for k, s in states.items() if request.force or s.state in wanted_states}
             for upstream in step.upstream:
                 chosen |= set(plan.assets[step_named(upstream).asset_key].partitions)
-            asset.partitions = [k for k in states if k in chosen]
+            if asset.selected:
+                asset.partitions = [k for k in states if k in chosen]
+            else:
+                asset.partitions_left = len(chosen)
             for s in states.values():
                 asset.states[s.state] = asset.states.get(s.state, 0) + 1
             asset.items_stale = sum(s.items if request.force else s.stale_items for s in states.values())
             asset.items_failed = sum(s.failed_items for s in states.values())
-            if step.cost_column and asset.model_id in OPENAI_PRICE_PER_MILLION:
-                chosen_bytes = sum(states[k].input_bytes for k in asset.partitions)
-                plan.estimated_openai_tokens += math.ceil(chosen_bytes / BYTES_PER_TOKEN_ESTIMATE)
+            if step.cost_column and asset.model_id in OPENAI_PRICE_PER_MILLION and asset.partitions:
+                tokens, exact = _billed_tokens(conn, step, models, states, asset.partitions, request.force)
+                plan.estimated_openai_tokens += tokens
+                plan.estimate_exact &= exact
                 price = OPENAI_PRICE_PER_MILLION[asset.model_id]
                 plan.estimated_openai_cost_usd = plan.estimated_openai_tokens / 1e6 * price
         plan.assets[step.asset_key] = asset
     return plan
+
+
+def _billed_tokens(
+    conn: Connection,
+    step: Step,
+    models: dict[str, str],
+    states: dict[str, PartitionState],
+    partition_keys: list[str],
+    force: bool,
+) -> tuple[int, bool]:
+    """Tokens the provider would bill for redoing these partitions of ``step`` and whether all were counted.
+
+    Like a run: the items not done with their current input (all with ``force``), each distinct text once,
+    none the cache already holds for the model; failed items waiting for their backoff are counted too (an
+    over-estimate). Texts are tokenized up to ``EXACT_TOKEN_BYTES``; the rest of the partitions'
+    input bytes (freshness's count) are converted at the ratio measured on the counted ones.
+    """
+    model_id = models[step.name]
+    counted: dict[str, int] = {}  # input identity → tokens
+    counted_bytes = 0
+    done_keys = 0
+    for start in range(0, len(partition_keys), TOKEN_COUNT_BATCH):
+        if counted_bytes >= EXACT_TOKEN_BYTES:
+            break
+        ids = [uuid.UUID(k) for k in partition_keys[start : start + TOKEN_COUNT_BATCH]]
+        done = {} if force else step.done_rows(conn, model_id, ids)
+        texts = {
+            i.input_sha256: str(i.payload[step.cost_column])
+            for i in step.items(conn, models, ids)
+            if done.get(i.item_id) != i.input_sha256 and i.input_sha256 not in counted
+        }
+        if step.cached_by_identity and texts:
+            cached = conn.execute(
+                text("SELECT text_sha256 FROM text_embedding_cache WHERE model_id = :m AND text_sha256 = ANY(:s)"),
+                {"m": model_id, "s": list(texts)},
+            ).scalars()
+            for sha in cached:
+                del texts[sha]
+        counted |= dict(zip(texts, count_tokens(list(texts.values()), model_id), strict=True))
+        counted_bytes += sum(len(t.encode("utf-8")) for t in texts.values())
+        done_keys = start + len(ids)
+    tokens = sum(counted.values())
+    rest_bytes = sum(states[k].input_bytes for k in partition_keys[done_keys:])
+    if not rest_bytes:
+        return tokens, True
+    per_byte = tokens / counted_bytes if counted_bytes else 1 / BYTES_PER_TOKEN_ESTIMATE
+    return tokens + math.ceil(rest_bytes * per_byte), False
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ by a real dagster-daemon (backfill daemon, queued run coordinator), against the 
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,17 +16,22 @@ from pathlib import Path
 import dagster as dg
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from heimdex_assets.assets import DERIVED_ASSETS, OWNER_ASSETS, SOURCE_ASSETS, VIDEO_ASSETS
 from heimdex_assets.backfills import BackfillError, backfill_status
 from heimdex_assets.cli import main
 from heimdex_assets.db.tables import scene_clip_vectors, scene_search_documents, scene_text_vectors, scenes
+from heimdex_assets.jobs import reprocess_job
 from heimdex_assets.models import expected_models
 from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess
+from heimdex_assets.resources import BlobStore, OpenCvPersonDetector, SearchIndex
 from heimdex_assets.resources.clip_embedder import TINY_MODEL
 from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG
+from heimdex_assets.sensors.stale_partitions import stale_partitions_sensor
 from heimdex_assets.settings import resources_from_env
 from heimdex_assets.spec import SPEC
+from heimdex_assets_tests.conftest import materialize_videos
 
 BIN = Path(sys.executable).parent  # the venv's dagster-webserver and dagster-daemon
 REPO = Path(__file__).resolve().parents[1]
@@ -217,3 +223,109 @@ def test_heimdex_reprocess_launches_backfills_that_the_daemon_runs_for_one_owner
         assert (runs[0].tags.get(OWNER_SCOPE_TAG), runs[0].tags.get(FORCE_TAG)) == (str(a), "true")
     with pytest.raises(BackfillError, match=r"^Dagster has no backfill nonesuch$"):
         backfill_status(deployment.graphql_url, "nonesuch")
+
+
+def test_heimdex_reprocess_wait_follows_its_backfills_to_the_end(deployment, rows, monkeypatch, capsys):
+    owner = rows.owner()
+    rows.video(owner, n_scenes=3)
+    rows.video(owner, n_scenes=2)
+    for name, value in deployment.env.items():
+        if name.startswith("HEIMDEX_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("HEIMDEX_DAGSTER_GRAPHQL_URL", deployment.graphql_url)
+    deployment.start_webserver()
+    deployment.start_daemon()
+    argv = ["reprocess", "--scope", "owner", "--owner-id", str(owner), "--wait", "--json"]
+
+    code = main([*argv, "--timeout", str(BACKFILL_DONE_S)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)  # stdout: the JSON alone, with each backfill's final state
+    assert {(b["status"], b["failed"]) for b in result["backfills"]} == {("COMPLETED_SUCCESS", 0)}
+    assert result["message"].endswith("; all completed")
+    # stderr (not a terminal): plain progress lines over the 10 asset partitions, the last one complete.
+    lines = err.splitlines()
+    assert lines[0].startswith("[") and "/10 partitions" in lines[0]
+    assert re.search(r"100%  10/10 partitions, [\d.]+ scenes/s, done in \d+", lines[-1]), err
+
+    # Launched just now, not done at once: --timeout 0 gives up following and says where to look.
+    code = main([*argv, "--force", "--timeout", "0"])
+    out, err = capsys.readouterr()
+    ui = deployment.graphql_url.removesuffix("/graphql")
+    assert (code, out) == (1, "")
+    assert re.search(
+        rf"^heimdex: error: backfill\(s\) \S+, \S+ still running after --timeout 0 s; they continue on Dagster: "
+        rf"follow them at {re.escape(ui)}/runs/b/\S+ {re.escape(ui)}/runs/b/\S+$",
+        err.splitlines()[-1],
+    ), err
+
+
+def test_the_reprocess_job_backfills_exactly_the_stale_partitions_and_the_sensor_waits_for_it(
+    deployment, db, rows, clip, text_embedder
+):
+    """Edited transcripts make two videos stale; the Launchpad's ``reprocess`` job submits one backfill of
+    exactly them, which the sensor then leaves alone, and which the daemon runs to fresh."""
+    owner = rows.owner()
+    videos = [str(rows.video(owner, n_scenes=2)) for _ in range(3)]
+    resources = {
+        "db": db,
+        "clip": clip,
+        "text_embedder": text_embedder,
+        "blobs": BlobStore(),
+        "person_detector": OpenCvPersonDetector(),
+        "search_index": SearchIndex(sqlite_path=deployment.env["HEIMDEX_SEARCH_SQLITE_PATH"]),
+    }
+    instance = dg.DagsterInstance.from_config(str(deployment.home))
+    materialize_videos(VIDEO_ASSETS, videos, resources, instance)
+    instance.add_dynamic_partitions("owners", [str(owner)])
+    dg.materialize(OWNER_ASSETS, partition_key=str(owner), resources=resources, instance=instance)
+    with db.transaction() as conn:
+        conn.execute(update(scenes).where(scenes.c.video_id.in_(videos[1:])).values(transcript="A new narration."))
+
+    defs = dg.Definitions(
+        assets=[*SOURCE_ASSETS, *DERIVED_ASSETS],
+        jobs=[reprocess_job],
+        sensors=[stale_partitions_sensor],
+        resources=resources,
+    )
+    job = defs.get_job_def("reprocess")
+
+    def reprocess(**config) -> dg.ExecuteInProcessResult:
+        run_config = {"ops": {"reprocess_op": {"config": config}}}
+        return job.execute_in_process(run_config=run_config, instance=instance)
+
+    def tick() -> dg.SensorResult:
+        sensor_resources = {k: v for k, v in resources.items() if k != "blobs"}
+        with dg.build_sensor_context(instance=instance, resources=sensor_resources, definitions=defs) as context:
+            return stale_partitions_sensor.evaluate_tick(context)
+
+    dry = reprocess(scope="all", dry_run=True)
+    assert dry.output_for_node("reprocess_op") == [] and instance.get_backfills() == []
+    output = next(e for e in dry.all_node_events if e.is_successful_output)
+    metadata = output.step_output_data.metadata  # the plan, shown in the UI
+    assert metadata["backfills"].value == 1 and metadata["backfill_partitions"].value == [2]
+
+    (backfill_id,) = reprocess(scope="owner", owner_id=str(owner)).output_for_node("reprocess_op")
+    (backfill,) = instance.get_backfills()
+    targets = {
+        (p.asset_key.to_user_string(), p.partition_key)
+        for p in backfill.asset_backfill_data.target_subset.iterate_asset_partitions()
+    }
+    assert backfill.backfill_id == backfill_id
+    assert targets == {(a, v) for a in ("scene_text_embeddings", "scene_search_index") for v in videos[1:]}
+    assert backfill.tags[OWNER_SCOPE_TAG] == str(owner)
+
+    # Queued, not running yet (no daemon): the sensor requests nothing, and asks the instance, not a timer.
+    queued = tick()
+    assert not queued.run_requests and "queued or running backfill" in queued.skip_message
+
+    deployment.start_daemon()
+    deadline = time.monotonic() + BACKFILL_DONE_S
+    while (status := instance.get_backfill(backfill_id).status.value) == "REQUESTED":
+        assert time.monotonic() < deadline, f"backfill not done in {BACKFILL_DONE_S} s\n{deployment.log_tail('daemon')}"
+        time.sleep(1)
+    assert status == "COMPLETED_SUCCESS", deployment.log_tail("daemon")
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+    assert len(runs) == 1  # one run's worth of scenes: one run
+    assert tick().skip_message == "every partition is fresh"

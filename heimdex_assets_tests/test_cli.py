@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def test_demo_materialises_all_six_assets_twice_to_the_same_state(env, capsys, d
     assert "the demo uses placeholder CLIP weights (open_clip:tiny-random)" in out
     assert sum("CLIP weights" in line for line in out.splitlines()) == 1
     assert "scene_search (documents)     30" in out
+    # Progress per phase on stderr: the 6 READY videos (with their 30 scenes), then the 3 owners.
+    assert re.search(r"^\[#+\] 100%  6/6 partitions, [\d.]+ scenes/s, done in \d+s  videos$", err, re.M), err
+    assert re.search(r"^\[#+\] 100%  3/3 partitions, done in \d+s  owners$", err, re.M), err
 
     def state():
         with db.engine.connect() as conn:
@@ -193,3 +197,58 @@ def test_tables_list_is_complete(db):
     with db.engine.connect() as conn:
         tables = set(conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
     assert tables - {"alembic_version"} == {t.strip() for t in ALL_TABLES.split(",")}
+
+
+@pytest.fixture
+def tiny_env(env, monkeypatch, tiny_clip_checkpoint, tmp_path):
+    """The CLI configured like a small worker: tiny CLIP checkpoint, local text model, SQLite search."""
+    from heimdex_assets.resources.clip_embedder import TINY_MODEL
+
+    monkeypatch.setenv("HEIMDEX_CLIP_MODEL", TINY_MODEL)
+    monkeypatch.setenv("HEIMDEX_CLIP_CHECKPOINT", str(tiny_clip_checkpoint))
+    monkeypatch.setenv("HEIMDEX_CLIP_DEVICE", "cpu")
+    monkeypatch.setenv("HEIMDEX_TEXT_PROVIDER", "local")
+    monkeypatch.setenv("HEIMDEX_SEARCH_SQLITE_PATH", str(tmp_path / "search" / "scenes.sqlite"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    return env
+
+
+def test_reprocess_sync_shows_progress_on_stderr_and_the_summary_on_stdout(tiny_env, capsys, rows):
+    owner = rows.owner()
+    videos = [rows.video(owner, n_scenes=3), rows.video(owner, n_scenes=2)]
+    code, out, err = run_cli(capsys, "reprocess", "--scope", "owner", "--owner-id", str(owner), "--sync")
+    assert code == 0, err
+    # Not a terminal: plain lines, no carriage returns; asset partitions (4 video assets x 2 videos, and the
+    # owner's 2 person assets), scenes/s from the 5 scenes, and the time taken at the end.
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("[........................]   0%  0/10 partitions")
+    assert re.search(r"100%  10/10 partitions, [\d.]+ scenes/s, done in \d+s$", lines[-1]), err
+    assert "redid 10 asset partition(s) across 2 video(s) in scope" in out and "[" not in out
+
+    # With --json, stdout is the JSON alone; the progress stays on stderr.
+    code, out, err = run_cli(
+        capsys, "reprocess", "--scope", "video", "--video-id", str(videos[0]), "--force", "--sync", "--json"
+    )
+    assert code == 0 and json.loads(out)["failed_runs"] == []
+    assert err.splitlines()[-1].startswith("[########################] 100%  4/4 partitions")
+
+
+def test_reprocess_sync_names_the_partitions_whose_runs_failed(tiny_env, capsys, rows, monkeypatch, tmp_path):
+    owner = rows.owner()
+    videos = sorted(str(rows.video(owner, n_scenes=1)) for _ in range(2))
+    bogus = tmp_path / "not-a-checkpoint.pt"  # a model identity to plan with, weights that fail in the run
+    bogus.write_bytes(b"these bytes are no model")
+    monkeypatch.setenv("HEIMDEX_CLIP_CHECKPOINT", str(bogus))
+    code, out, err = run_cli(capsys, "reprocess", "--scope", "owner", "--owner-id", str(owner), "--sync", "--json")
+    assert (code, out) == (1, ""), err
+    message = err.splitlines()[-1]
+    assert message.startswith("heimdex: error: 1 run(s) failed, 2 partition(s): "), err
+    assert all(f"{v} (scene_" in message for v in videos)
+    assert "; first error: " in message
+    assert ", 8 failed, " in err.splitlines()[-2]
+
+
+def test_reprocess_timeout_goes_with_wait(env, capsys):
+    code, out, err = run_cli(capsys, "reprocess", "--scope", "all", "--timeout", "5")
+    assert (code, out, err) == (1, "", "heimdex: error: --timeout goes with --wait\n")

@@ -1,10 +1,13 @@
+import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, text, update
 
+from heimdex_assets import reprocess
 from heimdex_assets.assets import scene_clip_embeddings, scene_search_index, scene_text_embeddings
+from heimdex_assets.cli import main
 from heimdex_assets.db.tables import scene_text_vectors, scenes, videos
 from heimdex_assets.models import expected_models
 from heimdex_assets.reprocess import (
@@ -17,10 +20,12 @@ from heimdex_assets.reprocess import (
     run_plan,
 )
 from heimdex_assets.resources import OpenCvPersonDetector, SearchIndex
-from heimdex_assets.resources.text_embedder import estimate_tokens
+from heimdex_assets.resources.clip_embedder import TINY_MODEL
+from heimdex_assets.tokens import count_tokens, shipped_encoding
 from heimdex_assets_tests.conftest import materialize_videos
 
 VIDEO_ASSETS = [scene_text_embeddings, scene_clip_embeddings, scene_search_index]
+OPENAI = "text-embedding-3-small"
 
 
 @pytest.fixture
@@ -53,12 +58,12 @@ def test_an_edited_transcript_plans_exactly_its_video_for_text_and_search(db, wo
             .where(scenes.c.video_id == edited, scenes.c.scene_index == 0)
             .values(transcript="The lighthouse keeper polished the lens at dusk.")
         )
-    p = plan(db, models | {"scene_text": "text-embedding-3-small"}, scope="all")
+    p = plan(db, models | {"scene_text": OPENAI}, scope="all")
     assert p.assets["scene_search_index"].partitions == [str(edited)]
     assert p.assets["scene_clip_embeddings"].partitions == []
     # Against another model every text partition is stale; the estimate counts texts not cached for it.
     assert len(p.assets["scene_text_embeddings"].partitions) == 3
-    assert p.estimated_openai_tokens > estimate_tokens("The lighthouse keeper polished the lens at dusk.")
+    assert p.estimated_openai_tokens > count_tokens(["The lighthouse keeper polished the lens at dusk."], OPENAI)[0]
     assert p.estimated_openai_cost_usd == pytest.approx(p.estimated_openai_tokens / 1e6 * 0.02)
     p = plan(db, models, scope="all")
     assert p.assets["scene_text_embeddings"].partitions == [str(edited)]
@@ -143,3 +148,123 @@ def test_an_asset_is_grouped_with_the_steps_it_reads_so_one_run_orders_them():
         # Query vectors read photo vectors: one group over both owners, photos first within each run.
         ("owner", ("o1", "o2"), ("person_photo_embeddings", "person_query_embeddings")),
     }
+
+
+def test_a_step_redoes_only_itself_and_what_reads_it_and_says_what_it_left_stale(
+    db, world, instance, capsys, monkeypatch, database_url, tiny_clip_checkpoint, tmp_path
+):
+    a, _, vids, resources, models = world
+    edited, rethumbed = vids[a]
+    with db.transaction() as conn:  # stale text (and search document) in one video, stale CLIP in another
+        conn.execute(
+            update(scenes).where(scenes.c.video_id == edited, scenes.c.scene_index == 0).values(transcript="Tide out.")
+        )
+        conn.execute(update(scenes).where(scenes.c.video_id == rethumbed).values(thumbnail_sha256="f" * 64))
+
+    p = plan(db, models, scope="all", steps=("scene_text",))
+    assert p.assets["scene_text_embeddings"].partitions == [str(edited)]
+    # Nothing reads the text vectors: search documents and CLIP are left, and counted as left.
+    left = {k: (a.partitions, a.partitions_left) for k, a in p.assets.items() if not a.selected}
+    assert left["scene_clip_embeddings"] == ([], 1)
+    assert left["scene_search_index"] == ([], 1)
+    assert set(left) == {k for k in p.assets if k != "scene_text_embeddings"}
+    downstream = plan(db, models, scope="all", steps=("person_photo",))
+    assert {k for k, a in downstream.assets.items() if a.selected} == {
+        "person_photo_embeddings",
+        "person_query_embeddings",
+    }
+
+    assert all(o.success for runs in run_plan(p, resources, instance).values() for o in runs)
+    after = plan(db, models, scope="all")
+    assert after.assets["scene_text_embeddings"].partitions == []
+    assert after.assets["scene_clip_embeddings"].partitions == [str(rethumbed)]
+    assert after.assets["scene_search_index"].partitions == [str(edited)]
+
+    # The command says the same, for the step it was given and the ones it left out.
+    for name in ("OPENAI_API_KEY", "HEIMDEX_OPENSEARCH_URL"):
+        monkeypatch.delenv(name, raising=False)
+    env = {
+        "HEIMDEX_DATABASE_URL": database_url,
+        "HEIMDEX_HOME": str(tmp_path / "home"),
+        "DAGSTER_HOME": str(tmp_path / "home" / "dagster"),
+        "HEIMDEX_TEXT_PROVIDER": "local",
+        "HEIMDEX_CLIP_MODEL": TINY_MODEL,
+        "HEIMDEX_CLIP_CHECKPOINT": str(tiny_clip_checkpoint),
+        "HEIMDEX_SEARCH_SQLITE_PATH": str(tmp_path / "scenes.sqlite"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with db.transaction() as conn:
+        conn.execute(
+            update(scenes).where(scenes.c.video_id == edited, scenes.c.scene_index == 1).values(transcript="Tide in.")
+        )
+    code = main(["reprocess", "--scope", "all", "--asset", "scene_text_embeddings", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "scene_clip_embeddings: 1 partitions stale, not redone (not selected)" in out
+    assert "scene_search_index: 1 partitions stale, not redone (not selected)" in out
+    assert out.count("not redone (not selected)") == 5
+    assert any(
+        line.split()[:3] == ["scene_text_embeddings", p.assets["scene_text_embeddings"].step_version, "1"]
+        for line in out.splitlines()
+    )
+
+
+def test_an_unknown_step_is_refused_naming_the_valid_ones(db, world):
+    with pytest.raises(ReprocessError) as err:
+        plan(db, world[4], scope="all", steps=("scene_txt",))
+    assert str(err.value) == (
+        "unknown step 'scene_txt'; steps (and their assets): scene_text (scene_text_embeddings), "
+        "scene_clip (scene_clip_embeddings), scene_person (scene_person_embeddings), "
+        "scene_search (scene_search_index), person_photo (person_photo_embeddings), "
+        "person_query (person_query_embeddings)"
+    )
+
+
+# Texts whose cl100k_base tokens no bytes rule predicts: Korean, emoji, digits, code, runs of spaces.
+FIXED_TEXTS = [
+    "The lighthouse keeper polished the lens at dusk.",
+    "등대지기는 해질녘에 렌즈를 닦았다.",
+    "🚢⚓ 12345678 boats, 3.14159 knots",
+    "def f(x):\n    return x ** 2  # squared",
+    "many     spaces   and\ttabs\n\nthen   more",
+    "The lighthouse keeper polished the lens at dusk.",  # the same text twice is paid for once
+]
+
+
+def test_the_estimate_is_the_tokenizers_count_of_the_texts_to_pay_for(db, world, monkeypatch):
+    *_, models = world
+    openai = models | {"scene_text": OPENAI}
+    with db.transaction() as conn:  # one transcript per scene, no other channel
+        ids = conn.execute(select(scenes.c.id).order_by(scenes.c.video_id, scenes.c.scene_index)).scalars().all()
+        assert len(ids) == len(FIXED_TEXTS)
+        for scene_id, transcript in zip(ids, FIXED_TEXTS, strict=True):
+            conn.execute(
+                update(scenes)
+                .where(scenes.c.id == scene_id)
+                .values(transcript=transcript, visual_description=None, tags=[], summary=None)
+            )
+    cl100k = shipped_encoding("cl100k_base")
+    expected = sum(len(cl100k.encode_ordinary(t)) for t in set(FIXED_TEXTS))
+    p = plan(db, openai, scope="all")
+    assert p.estimated_openai_tokens == expected and p.estimate_exact
+    assert p.estimated_openai_cost_usd == pytest.approx(expected / 1e6 * 0.02)
+    assert expected != sum(-(-len(t.encode()) // 3) for t in set(FIXED_TEXTS))  # not the old bytes rule
+
+    # A text the cache already holds for the model costs nothing.
+    korean = FIXED_TEXTS[1]
+    with db.transaction() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO text_embedding_cache (model_id, text_sha256, embedding, truncated) "
+                "VALUES (:m, :s, :e, false)"
+            ),
+            {"m": OPENAI, "s": hashlib.sha256(korean.encode()).hexdigest(), "e": "[1,0,0]"},
+        )
+    assert plan(db, openai, scope="all").estimated_openai_tokens == expected - len(cl100k.encode_ordinary(korean))
+
+    # Past the exact budget the rest is extrapolated from bytes at the ratio measured, and the plan says so.
+    monkeypatch.setattr(reprocess, "EXACT_TOKEN_BYTES", 1)
+    monkeypatch.setattr(reprocess, "TOKEN_COUNT_BATCH", 1)
+    p = plan(db, openai, scope="all")
+    assert not p.estimate_exact and p.estimated_openai_tokens > 0

@@ -98,6 +98,8 @@ class ReprocessBody(BaseModel):
     force: bool = False
     since: datetime | None = None
     retry_failed: bool = False
+    # Only these steps (names or asset keys) and what depends on them; unknown ones are a 422.
+    steps: list[str] | None = None
 
     @model_validator(mode="after")
     def _ids_for_scope(self) -> "ReprocessBody":
@@ -150,6 +152,7 @@ def scoped_request(body: ReprocessBody, principal: Principal) -> ReprocessReques
         since=since,
         force=body.force,
         retry_failed=body.retry_failed,
+        steps=tuple(body.steps) if body.steps else None,
     )
 
 

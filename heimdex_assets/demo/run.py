@@ -40,9 +40,13 @@ def run_demo(
     videos_per_owner: int = 7,
     scenes_per_video: int = 10,
     say: Callable[[str], None] = print,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Callable[..., None] | None = None,
 ) -> dict:
-    """Load the corpus, register partitions, materialise the video then the owner assets; a summary."""
+    """Load the corpus, register partitions, materialise the video then the owner assets; a summary.
+
+    ``progress(label, done, total, failed=, scenes=, scenes_total=)`` is called per phase ("videos",
+    "owners") before its first run and after each run: partitions done (failed ones included) of
+    ``total``, and the scenes of the partitions done (0 for owners)."""
     from heimdex_assets.assets import OWNER_ASSETS, VIDEO_ASSETS
     from heimdex_assets.launch import contiguous_ranges, dagster_instance, materialize_ranges
     from heimdex_assets.partitions import owners_partitions, videos_partitions
@@ -94,13 +98,25 @@ def run_demo(
             f"materialising {', '.join(a.key.to_user_string() for a in assets)} for {len(wanted)} {label} "
             f"in {len(ranges)} run(s)"
         )
-        done = 0
+        scenes_in = {str(v.id): len(v.scenes) for v in corpus.videos} if label == "videos" else {}
+        scenes_total = sum(scenes_in.get(k, 0) for k in wanted)
+        done = failed_keys = scenes_done = 0
+        if progress:
+            progress(label, 0, len(wanted), failed=0, scenes=0, scenes_total=scenes_total)
 
-        def report(outcome: object, total: int = len(wanted), label: str = label) -> None:
-            nonlocal done
+        def report(
+            outcome: object,
+            total: int = len(wanted),
+            label: str = label,
+            scenes_in: dict = scenes_in,
+            scenes_total: int = scenes_total,
+        ) -> None:
+            nonlocal done, failed_keys, scenes_done
             done += len(outcome.keys)
+            failed_keys += 0 if outcome.success else len(outcome.keys)
+            scenes_done += sum(scenes_in.get(k, 0) for k in outcome.keys)
             if progress:
-                progress(done, total, label)
+                progress(label, done, total, failed=failed_keys, scenes=scenes_done, scenes_total=scenes_total)
 
         outcomes += materialize_ranges(assets, ranges, resources, instance, on_range_done=report)
     failed = [o for o in outcomes if not o.success]

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from typing import Any, Literal
 import dagster as dg
 import numpy as np
 from pydantic import PrivateAttr
+
+from heimdex_assets.tokens import count_tokens, truncate_to_tokens
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,6 @@ OPENAI_DIMENSIONS = {
 MAX_INPUTS_PER_REQUEST = 2048
 MAX_TOKENS_PER_REQUEST = 300_000
 MAX_TOKENS_PER_INPUT = 8192
-# No tokenizer ships offline, so tokens are over-estimated from UTF-8 bytes (cl100k averages
-# about 4 bytes a token in English); a 400 "too long" from the API still truncates further.
-BYTES_PER_TOKEN_ESTIMATE = 3
 
 
 class EmbeddingProviderError(RuntimeError):
@@ -48,18 +46,6 @@ class EmbeddingBatch:
     requests: int = 0
     retries: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def estimate_tokens(text: str) -> int:
-    """An over-estimate of the tokens ``text`` costs (never below the true count in practice)."""
-    return max(1, math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN_ESTIMATE))
-
-
-def truncate_to_tokens(text: str, max_tokens: int) -> str:
-    """``text`` cut, on a character boundary, to at most ``max_tokens`` estimated tokens."""
-    limit = max_tokens * BYTES_PER_TOKEN_ESTIMATE
-    data = text.encode("utf-8")
-    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
 
 
 def plan_requests(token_counts: list[int], max_inputs: int, max_tokens: int) -> list[range]:
@@ -98,7 +84,9 @@ class TextEmbedder(dg.ConfigurableResource):
 
     ``auto`` (the default) picks ``openai`` when an API key is configured, ``local`` otherwise.
     ``openai_base_url`` reaches any OpenAI-compatible server. 429 and 5xx answers are retried
-    with backoff honouring Retry-After; an input over the token limit is truncated, and recorded.
+    with backoff honouring Retry-After; an input over the token limit is truncated, and recorded. Tokens
+    are counted with the model's tokenizer (``heimdex_assets.tokens``) to cut inputs and pack requests; a
+    400 "too long" from the API still truncates further (a model without a shipped tokenizer).
     """
 
     provider: Literal["auto", "openai", "local"] = "auto"
@@ -199,10 +187,10 @@ class TextEmbedder(dg.ConfigurableResource):
         return self._client
 
     def _embed_openai(self, texts: list[str]) -> EmbeddingBatch:
-        inputs = [truncate_to_tokens(t, self.max_tokens_per_input) for t in texts]
+        inputs = [truncate_to_tokens(t, self.max_tokens_per_input, self.openai_model) for t in texts]
         truncated = [a != b for a, b in zip(inputs, texts, strict=True)]
         result = EmbeddingBatch(np.zeros((len(texts), self.dimension), dtype=np.float32), truncated)
-        counts = [estimate_tokens(t) for t in inputs]
+        counts = count_tokens(inputs, self.openai_model)
         for rows in plan_requests(counts, self.max_inputs_per_request, self.max_tokens_per_request):
             self._request_rows(inputs, list(rows), result)
         return result

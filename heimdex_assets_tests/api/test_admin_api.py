@@ -319,6 +319,13 @@ def test_inconsistent_scopes_are_422_not_silently_widened(client, body, detail):
     assert response.json()["detail"][0]["msg"] == f"Value error, {detail}"
 
 
+def test_an_unknown_step_is_422_naming_the_valid_ones(client, rows):
+    rows.video(rows.owner())
+    response = client.post(URL, json={"scope": "all", "steps": ["scene_txt"]}, headers=bearer(token()))
+    assert response.status_code == 422
+    assert "scene_txt" in response.json()["detail"] and "scene_text" in response.json()["detail"]
+
+
 BIG_BODY_BYTES = 24 * 1024 * 1024
 
 

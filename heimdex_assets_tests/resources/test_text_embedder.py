@@ -17,6 +17,7 @@ from heimdex_assets.resources.text_embedder import (
     plan_requests,
 )
 from heimdex_assets.runs import FORCE_TAG
+from heimdex_assets.tokens import count_tokens
 from heimdex_assets_tests.conftest import materialize_videos
 from heimdex_assets_tests.fake_openai import FakeOpenAI, fake_vector
 
@@ -99,9 +100,23 @@ def test_a_too_long_input_is_truncated_and_recorded_not_dropped(fake_openai):
 
 
 def test_inputs_over_the_token_limit_are_truncated_before_sending(fake_openai):
-    batch = openai_embedder(fake_openai, max_tokens_per_input=100).embed_texts(["word " * 1000])
-    assert batch.truncated == [True]
-    assert len(fake_openai.requests[0]["input"][0].encode()) <= 300
+    batch = openai_embedder(fake_openai, max_tokens_per_input=100).embed_texts(["word " * 1000, "한국어 " * 500])
+    assert batch.truncated == [True, True]
+    sent = fake_openai.requests[0]["input"]
+    # Cut at the model's own 100th token, on a character boundary.
+    assert count_tokens(sent, "text-embedding-3-small") == [100, 100]
+    assert sent[0] == "word" + " word" * 99
+    assert ("한국어 " * 500).startswith(sent[1])
+
+
+def test_requests_are_packed_by_the_models_token_count(fake_openai):
+    # "hello world" is 2 cl100k tokens (11 bytes: 4 under the bytes rule), so 3 fit a 6-token request.
+    texts = [f"hello world{'!' * i}" for i in range(6)]
+    counts = count_tokens(texts, "text-embedding-3-small")
+    assert counts == [2, 3, 3, 3, 3, 3]
+    openai_embedder(fake_openai, max_tokens_per_request=6).embed_texts(texts)
+    assert [len(r["input"]) for r in fake_openai.requests] == [len(b) for b in plan_requests(counts, 2048, 6)]
+    assert [len(r["input"]) for r in fake_openai.requests] == [2, 2, 2]
 
 
 def test_a_400_that_is_not_about_length_is_not_retried(fake_openai):
@@ -129,7 +144,8 @@ def test_the_asset_caches_texts_so_a_second_run_sends_no_request(db, rows, resou
     video = rows.video(owner, n_scenes=3)
     resources = resources | {"text_embedder": openai_embedder(fake_openai)}
     materialize_videos([scene_text_embeddings], [str(video)], resources, instance)
-    assert len(fake_openai.requests) == 1 and len(fake_openai.requests[0]["input"]) == 6
+    # The 6 channel texts, then the evaluation gate's known-item queries (one per scene) before the flip.
+    assert [len(r["input"]) for r in fake_openai.requests] == [6, 3]
     with db.engine.connect() as conn:
         written = conn.execute(select(scene_text_vectors)).all()
     assert {(r.model_id, r.dimension) for r in written} == {("text-embedding-3-small", 1536)}
@@ -139,7 +155,7 @@ def test_the_asset_caches_texts_so_a_second_run_sends_no_request(db, rows, resou
     meta = result.asset_materializations_for_node("scene_text_embeddings")[0].metadata
     assert meta["items_unchanged"].value == 6 and meta["api_requests"].value == 0
     result = materialize_videos([scene_text_embeddings], [str(video)], resources, instance, tags={FORCE_TAG: "true"})
-    assert len(fake_openai.requests) == 1  # nothing was paid for twice
+    assert len(fake_openai.requests) == 2  # nothing was paid for twice, and the gate ran once
     meta = result.asset_materializations_for_node("scene_text_embeddings")[0].metadata
     assert meta["items_computed"].value == 6
     assert meta["reused_from_cache"].value == 6 and meta["api_requests"].value == 0
