@@ -18,7 +18,7 @@ import warnings
 import dagster as dg
 
 from heimdex_assets.freshness import PartitionState, partition_states
-from heimdex_assets.models import expected_models
+from heimdex_assets.models import expected_models, model_resources
 from heimdex_assets.partitions import owners_partitions, videos_partitions
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
 from heimdex_assets.steps import STEPS, Step
@@ -88,12 +88,7 @@ def _freshness_check(step: Step) -> dg.AssetChecksDefinition:
         search_index: SearchIndex,
     ) -> dg.AssetCheckResult:
         key = context.partition_key
-        resources = {
-            "text_embedder": text_embedder,
-            "clip": clip,
-            "person_detector": person_detector,
-            "search_index": search_index,
-        }
+        resources = model_resources(text_embedder, clip, person_detector, search_index)
         with db.engine.connect() as conn:
             states = partition_states(conn, step, expected_models(conn, resources), partition_ids=[uuid.UUID(key)])
         if key not in states:

@@ -14,7 +14,7 @@ from datetime import datetime
 import dagster as dg
 from pydantic import Field
 
-from heimdex_assets.models import expected_models
+from heimdex_assets.models import expected_models, model_resources
 from heimdex_assets.partitions import canonical_uuid
 from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
@@ -71,12 +71,7 @@ def reprocess_op(
     search_index: SearchIndex,
 ) -> dg.Output[list[str]]:
     """The ids of the backfills submitted (none on a dry run); the plan as metadata."""
-    resources = {
-        "text_embedder": text_embedder,
-        "clip": clip,
-        "person_detector": person_detector,
-        "search_index": search_index,
-    }
+    resources = model_resources(text_embedder, clip, person_detector, search_index)
     with db.engine.connect() as conn:
         plan = plan_reprocess(conn, config.request(), expected_models(conn, resources))
         weights = {kind: partition_weights(conn, kind) for kind in PARTITIONINGS}

@@ -101,3 +101,13 @@ def require_model(conn: Connection, step: str, model_id: str, worker: str = "thi
             "or run `heimdex models use` to move the deployment to the configured models"
             + (PLACEHOLDER_HINT if "tiny-random" in row.model_id else "")
         )
+
+
+def model_resources(text_embedder: Any, clip: Any, person_detector: Any, search_index: Any) -> dict[str, Any]:
+    """The resources ``expected_models`` reads, from a Dagster definition's own resource parameters."""
+    return {
+        "text_embedder": text_embedder,
+        "clip": clip,
+        "person_detector": person_detector,
+        "search_index": search_index,
+    }

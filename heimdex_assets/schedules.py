@@ -3,7 +3,7 @@
 import dagster as dg
 
 from heimdex_assets.generations import PRUNE_GRACE, prune
-from heimdex_assets.models import expected_models
+from heimdex_assets.models import expected_models, model_resources
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
 
 
@@ -16,12 +16,7 @@ def prune_generations_op(
     clip: ClipEmbedder,
     person_detector: OpenCvPersonDetector,
 ) -> None:
-    resources = {
-        "text_embedder": text_embedder,
-        "clip": clip,
-        "person_detector": person_detector,
-        "search_index": search_index,
-    }
+    resources = model_resources(text_embedder, clip, person_detector, search_index)
     with db.engine.connect() as conn:
         models = expected_models(conn, resources)
     report = prune(db, search_index, models, PRUNE_GRACE)

@@ -22,7 +22,7 @@ import dagster as dg
 
 from heimdex_assets.checks import PARTITIONINGS, evaluation
 from heimdex_assets.freshness import PartitionState, partition_states
-from heimdex_assets.models import expected_models
+from heimdex_assets.models import expected_models, model_resources
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
 from heimdex_assets.steps import STEPS
 
@@ -146,12 +146,7 @@ def freshness_checks_sensor(
     search_index: SearchIndex,
 ) -> dg.SensorResult:
     """One run recording the check results of the registered partitions whose state changed, 5,000 at most."""
-    resources = {
-        "text_embedder": text_embedder,
-        "clip": clip,
-        "person_detector": person_detector,
-        "search_index": search_index,
-    }
+    resources = model_resources(text_embedder, clip, person_detector, search_index)
     registered = {kind: set(context.instance.get_dynamic_partitions(p.name)) for kind, p in PARTITIONINGS.items()}
     states_by_asset = {}
     with db.engine.connect() as conn:

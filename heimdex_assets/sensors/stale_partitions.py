@@ -26,7 +26,7 @@ from heimdex_assets.launch import (
     partition_weights,
     scenes_per_run,
 )
-from heimdex_assets.models import expected_models
+from heimdex_assets.models import expected_models, model_resources
 from heimdex_assets.partitions import owners_partitions, videos_partitions
 from heimdex_assets.reprocess import ReprocessPlan, ReprocessRequest, partition_groups, plan_reprocess, plan_tags
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
@@ -191,12 +191,7 @@ def stale_partitions_sensor(
 ) -> dg.SensorResult:
     """Backfills for every stale or missing registered partition not already in flight, one run's
     worth each, 200 at most a tick."""
-    resources = {
-        "text_embedder": text_embedder,
-        "clip": clip,
-        "person_detector": person_detector,
-        "search_index": search_index,
-    }
+    resources = model_resources(text_embedder, clip, person_detector, search_index)
     with db.engine.connect() as conn:
         plan = plan_reprocess(conn, ReprocessRequest(scope="all"), expected_models(conn, resources))
         if plan.empty:
