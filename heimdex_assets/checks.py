@@ -3,8 +3,9 @@ each derived asset are fresh and which are stale, missing or failed.
 
 Each derived asset ``A`` has a companion ``freshness/A`` (an external asset, never materialised, same
 partitions, downstream of ``A``) carrying one partitioned check, ``fresh``. ``freshness_checks_sensor``
-records its per-partition results without a run; a run of the check (the UI's "Execute") evaluates the
-partitions it is given the same way.
+records the per-partition results that changed through one small run a tick (Dagster refuses a second
+run-less result for the same partition); a run of the check (the UI's "Execute") evaluates the partitions
+it is given the same way.
 
 Why a companion and not a check on ``A`` itself: Dagster shows a partition's check result only while it
 targets that partition's latest materialisation, and a result recorded without a run can name its target
