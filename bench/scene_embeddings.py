@@ -265,7 +265,7 @@ def pipeline(bench: Bench, phases: dict[str, Phase]) -> dict[str, Any]:
     """Phase (b): both assets materialised for every key through Dagster, in contiguous ranges, forced."""
     assets = bench.assets
     per_run = bench.partitions_per_run or min(a.backfill_policy.max_partitions_per_run for a in assets)
-    resources = {"db": bench.db, "clip": bench.clip, "text_embedder": bench.embedder, "blobs": BlobStore()}
+    resources = {"db": bench.db, "clip": bench.clip, "text_embedder": bench.embedder, "blobs": bench.blobs}
     run_walls: list[float] = []
     last = time.perf_counter()
 
@@ -544,7 +544,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
             db,
             clip,
             embedder,
-            BlobStore(),
+            BlobStore(allowed_roots=[str(args.work_dir / "media")]),
             keys,
             n_scenes,
             clip_items,

@@ -7,6 +7,7 @@ from typing import Any
 
 import dagster as dg
 
+from heimdex_assets.demo.run import media_dir
 from heimdex_assets.resources import (
     AppDatabase,
     BlobStore,
@@ -77,6 +78,17 @@ def follow_recorded_placeholder(resources: dict[str, dg.ConfigurableResource]) -
     return resources
 
 
+def blob_store_from_env() -> BlobStore:
+    """``HEIMDEX_BLOB_ROOTS`` (directories, separated by ``os.pathsep``; unset: the demo's media folder)
+    and ``HEIMDEX_BLOB_HOSTS`` (``host`` or ``host:port``, comma-separated; unset: no HTTP at all)."""
+    roots = _env("HEIMDEX_BLOB_ROOTS")
+    hosts = _env("HEIMDEX_BLOB_HOSTS") or ""
+    return BlobStore(
+        allowed_roots=[r.strip() for r in roots.split(os.pathsep) if r.strip()] if roots else [str(media_dir())],
+        allowed_hosts=[h.strip() for h in hosts.split(",") if h.strip()],
+    )
+
+
 def search_index_from_env(deferred: bool = True) -> SearchIndex:
     """``HEIMDEX_OPENSEARCH_URL`` (may hold credentials; unset: embedded SQLite FTS5),
     ``HEIMDEX_SEARCH_INDEX_PREFIX``, ``HEIMDEX_SEARCH_SQLITE_PATH``."""
@@ -94,7 +106,7 @@ def resources_from_env(deferred: bool = True) -> dict[str, dg.ConfigurableResour
         "db": database_from_env(deferred),
         "text_embedder": text_embedder_from_env(deferred),
         "clip": clip_from_env(),
-        "blobs": BlobStore(),
+        "blobs": blob_store_from_env(),
         "search_index": search_index_from_env(deferred),
         "person_detector": OpenCvPersonDetector(),
     }

@@ -110,12 +110,12 @@ def text_embedder() -> TextEmbedder:
 
 
 @pytest.fixture
-def resources(db: AppDatabase, clip: ClipEmbedder, text_embedder: TextEmbedder) -> dict:
+def resources(db: AppDatabase, clip: ClipEmbedder, text_embedder: TextEmbedder, tmp_path: Path) -> dict:
     return {
         "db": db,
         "clip": clip,
         "text_embedder": text_embedder,
-        "blobs": BlobStore(),
+        "blobs": BlobStore(allowed_roots=[str(tmp_path)]),
         "person_detector": OpenCvPersonDetector(),
     }
 

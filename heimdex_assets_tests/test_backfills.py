@@ -69,6 +69,7 @@ class Deployment:
         self.env |= {
             "DAGSTER_HOME": str(self.home),
             "HEIMDEX_HOME": str(tmp_path / "heimdex-home"),
+            "HEIMDEX_BLOB_ROOTS": str(tmp_path),  # the tests' media (rows) is written under tmp_path
             "HEIMDEX_DATABASE_URL": database_url,
             "HEIMDEX_SEARCH_SQLITE_PATH": str(tmp_path / "search" / "scenes.sqlite"),
             "HEIMDEX_CLIP_MODEL": TINY_MODEL,
@@ -272,7 +273,7 @@ def test_the_reprocess_job_backfills_exactly_the_stale_partitions_and_the_sensor
         "db": db,
         "clip": clip,
         "text_embedder": text_embedder,
-        "blobs": BlobStore(),
+        "blobs": BlobStore(allowed_roots=[str(rows.media)]),
         "person_detector": OpenCvPersonDetector(),
         "search_index": SearchIndex(sqlite_path=deployment.env["HEIMDEX_SEARCH_SQLITE_PATH"]),
     }

@@ -41,7 +41,7 @@ def world(database_url, clip, text_embedder, tmp_path_factory):
         "db": db,
         "clip": clip,
         "text_embedder": text_embedder,
-        "blobs": BlobStore(),
+        "blobs": BlobStore(allowed_roots=[str(tmp_path_factory.getbasetemp())]),
         "search_index": SearchIndex(opensearch_url=OPENSEARCH_URL, index_prefix=prefix),
         "person_detector": OpenCvPersonDetector(),
     }

@@ -23,6 +23,7 @@ from heimdex_assets.db.tables import (
 )
 from heimdex_assets.demo.corpus import Corpus, build_corpus, load_corpus
 from heimdex_assets.models import configured_models, record_models
+from heimdex_assets.resources.blob_store import BlobStore
 from heimdex_assets.resources.clip_embedder import TINY_RANDOM_MODEL, ClipEmbedder, ClipWeightsUnavailableError
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION, SPEC
 
@@ -56,6 +57,10 @@ def run_demo(
 
     started = time.monotonic()
     resources = resources_from_env(deferred=False)
+    blobs = resources["blobs"]
+    if str(media_dir()) not in blobs.allowed_roots:  # the demo reads the media it writes, whatever else is allowed
+        roots = [*blobs.allowed_roots, str(media_dir())]
+        resources["blobs"] = BlobStore(allowed_roots=roots, allowed_hosts=blobs.allowed_hosts)
     db = resources["db"]
     embedded = " (embedded)" if not os.environ.get("HEIMDEX_DATABASE_URL") else ""
     say(f"database: {db.describe()}{embedded}")

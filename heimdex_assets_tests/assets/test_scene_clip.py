@@ -9,7 +9,7 @@ from sqlalchemy import select, text, update
 from heimdex_assets.assets import scene_clip_embeddings
 from heimdex_assets.db.tables import embedding_failures, partition_ledger, scene_clip_vectors, scenes
 from heimdex_assets.models import record_models
-from heimdex_assets.resources import ClipEmbedder
+from heimdex_assets.resources import BlobStore, ClipEmbedder
 from heimdex_assets.runs import RETRY_FAILED_TAG
 from heimdex_assets.spec import SPEC
 from heimdex_assets_tests.conftest import materialize_videos, render_thumbnail
@@ -269,6 +269,22 @@ def test_a_thumbnail_whose_bytes_do_not_match_the_declared_sha256_fails(db, rows
     assert f"not the declared {'ab' * 6}" in failure.reason
     assert failure.input_sha256 == "ab" * 32
     assert meta["failures"] == 1
+
+
+def test_a_thumbnail_outside_the_allowed_roots_fails_only_its_scene(db, rows, resources, instance, tmp_path):
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=0)
+    kept = [rows.scene(video, owner, 0), rows.scene(video, owner, 2)]
+    outside = tmp_path / "elsewhere" / "private.png"
+    refused = rows.scene(video, owner, 1, thumbnail_uri=str(outside), thumbnail_sha256=render_thumbnail(outside, 7))
+    confined = resources | {"blobs": BlobStore(allowed_roots=[str(rows.media)])}
+
+    meta = metadata(materialize_videos([scene_clip_embeddings], [str(video)], confined, instance))
+
+    assert {r["scene_id"] for r in clip_rows(db)} == set(kept)
+    failure = failure_rows(db)[str(refused)]
+    assert (failure.step, failure.reason) == ("scene_clip", f"{outside} is outside the allowed roots")
+    assert (meta["failures"], meta["rows_written"]) == (1, 2)
 
 
 def test_two_models_never_overwrite_each_others_rows(db, rows, resources, instance, clip, other_clip):

@@ -34,7 +34,7 @@ def test_a_refused_candidate_waits_then_flips_when_the_operator_widens_the_margi
             "db": db,
             "text_embedder": worse,
             "clip": resources["clip"],
-            "blobs": BlobStore(),
+            "blobs": BlobStore(allowed_roots=[str(rows.media)]),
             "person_detector": OpenCvPersonDetector(),
             "search_index": SearchIndex(sqlite_path=str(tmp_path / "s.sqlite")),
         }
