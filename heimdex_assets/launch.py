@@ -149,7 +149,12 @@ def materialize_ranges(
     on_range_done: Callable[[RangeOutcome], None] | None = None,
     log_level: str = "WARNING",
 ) -> list[RangeOutcome]:
-    """Materialise ``assets`` in-process, one run per range; a failed range does not stop the rest."""
+    """Materialise ``assets`` in-process, one run per range; a failed range does not stop the rest.
+    Secrets read from the environment go in as ``dg.EnvVar``s, so that no run stored under
+    ``DAGSTER_HOME`` holds them (``settings.deferred_secrets``)."""
+    from heimdex_assets.settings import deferred_secrets  # lazily: the assets import this module
+
+    resources = deferred_secrets(resources)
     outcomes = []
     for keys in ranges:
         run_tags = dict(tags or {})

@@ -26,10 +26,38 @@ def _env(name: str) -> str | None:
 
 def _secret(name: str, deferred: bool) -> Any:
     """Deferred (for Definitions): a dg.EnvVar, so the value never lands in run config or the UI.
-    Otherwise (CLI, API, in-process runs) the value itself, as no Dagster init will resolve it."""
+    Otherwise (CLI, API) the value itself, for code that uses the resource outside Dagster; in-process
+    runs get the EnvVar back through ``deferred_secrets``."""
     if not _env(name):
         return None
     return dg.EnvVar(name) if deferred else _env(name)
+
+
+# Per resource class, its fields that hold secrets and the variables they are read from.
+SECRET_FIELDS: dict[type[dg.ConfigurableResource], dict[str, str]] = {
+    AppDatabase: {"url": "HEIMDEX_DATABASE_URL"},
+    TextEmbedder: {"openai_api_key": "OPENAI_API_KEY"},
+    SearchIndex: {"opensearch_url": "HEIMDEX_OPENSEARCH_URL"},
+}
+
+
+def deferred_secrets(resources: dict[str, Any]) -> dict[str, Any]:
+    """``resources`` for an in-process ``dg.materialize``: each secret read from the environment becomes
+    its ``dg.EnvVar`` again. Dagster writes a resource's plain values into the run's job snapshot (in the
+    instance's storage under ``DAGSTER_HOME``), an EnvVar only as its name, and resolves it in the run.
+    A value that is not the environment's (set in code) is left as it is."""
+    deferred = dict(resources)
+    for key, resource in resources.items():
+        fields = SECRET_FIELDS.get(type(resource), {})
+        swap = {f: dg.EnvVar(var) for f, var in fields.items() if _is_env_value(getattr(resource, f), var)}
+        if swap:
+            values = {name: getattr(resource, name) for name in type(resource).model_fields}
+            deferred[key] = type(resource)(**(values | swap))
+    return deferred
+
+
+def _is_env_value(value: Any, name: str) -> bool:
+    return isinstance(value, str) and not isinstance(value, dg.EnvVar) and value == _env(name)
 
 
 def database_from_env(deferred: bool = True) -> AppDatabase:
