@@ -8,7 +8,8 @@ per partition (rows, failures, ledger) → metadata. An asset passes in only how
   that failed on its current input waits for its backoff (``retry_failed`` overrides).
 - Each partition is written in its own transaction: its rows become exactly the items' rows
   (stray rows go), its failures exactly the failing items, its ledger what was read. A crash
-  leaves a partition old or new, never a mix; a partition that cannot be written fails alone.
+  leaves a partition old or new, never a mix; a partition that cannot be written (or whose video was
+  deleted during the run) fails alone, named in the run's failure once the others are written.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
-from sqlalchemy import Connection, or_, text
+from sqlalchemy import Connection, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 
 from heimdex_assets.db.tables import owners, videos
@@ -236,6 +237,9 @@ def run_step(
         try:
             with db.transaction() as conn:  # one transaction per partition: old state or new, never a mix
                 require_model(conn, step.name, model_id, worker)
+                if not _hold_partition(conn, step, pid):
+                    parts.rejected[str(pid)] = f"{step.partitioning} {pid} was deleted during the run: nothing written"
+                    continue
                 _write_partition(conn, step, model_id, pid, snapshot, by_partition[pid], todo_ids, outputs, result)
                 if write_partition is not None:
                     part_outputs = {i.item_id: outputs[i.item_id] for i in by_partition[pid] if i.item_id in outputs}
@@ -257,6 +261,14 @@ def run_step(
             f"{step.name}: generation {step.version} / {model_id} not active: {result.activation.why_not}"
         )
     return result
+
+
+def _hold_partition(conn: Connection, step: Step, pid: uuid.UUID) -> bool:
+    """Whether the partition's video (or owner) still exists, key-share locked until the caller commits. One
+    deleted during the run gets no rows, failures or ledger; a delete from now on waits for this write, whose
+    rows then go with their scenes (foreign keys) and whose ledger the discovery sensor removes."""
+    table = videos if step.partitioning == "video" else owners
+    return conn.execute(select(table.c.id).where(table.c.id == pid).with_for_update(key_share=True)).first() is not None
 
 
 def _failures_in_backoff(conn: Connection, step: Step, model_id: str, ids: list[uuid.UUID]) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy import Engine, select
@@ -19,7 +19,8 @@ def text_sha256(text: str) -> str:
 
 @dataclass
 class CachedEmbeddings:
-    """One vector per requested text; how many came from the cache and how many were embedded."""
+    """One vector per requested text (a zero row for a failed one); how many came from the cache, how many
+    were embedded, and why each text in ``failed`` (by index in the request) has no vector."""
 
     vectors: np.ndarray
     truncated: list[bool]
@@ -27,10 +28,12 @@ class CachedEmbeddings:
     embedded: int
     requests: int
     retries: int
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 def embed_texts_cached(engine: Engine, embedder: TextEmbedder, texts: list[str]) -> CachedEmbeddings:
-    """Vectors for ``texts``: cached ones read back, the rest embedded once each and cached."""
+    """Vectors for ``texts``: cached ones read back, the rest embedded once each and cached request by request.
+    A request that fails for good fails only its texts; what was paid for before or after it stays cached."""
     model_id = embedder.model_id
     keys = [text_sha256(t) for t in texts]
     unique = dict(zip(keys, texts, strict=True))
@@ -48,27 +51,31 @@ def embed_texts_cached(engine: Engine, embedder: TextEmbedder, texts: list[str])
         for sha, vector, truncated in rows:
             cached[sha] = (np.asarray(vector, dtype=np.float32), truncated)
     missing = [sha for sha in unique if sha not in cached]
-    batch = embedder.embed_texts([unique[sha] for sha in missing])
-    if missing:
-        # Content-addressed and write-once, so the cache commits on its own: a failed partition
-        # write later keeps what was paid for.
+
+    def cache(rows: list[int], vectors: np.ndarray, truncated: list[bool]) -> None:
+        # Content-addressed and write-once, so each request's vectors commit on their own as they arrive: a
+        # later failure (another request, a partition write, the process) keeps what was paid for.
         with engine.begin() as conn:
             conn.execute(
                 insert(text_embedding_cache).on_conflict_do_nothing(),
                 [
-                    {"model_id": model_id, "text_sha256": sha, "embedding": batch.vectors[i], "truncated": t}
-                    for i, (sha, t) in enumerate(zip(missing, batch.truncated, strict=True))
+                    {"model_id": model_id, "text_sha256": missing[r], "embedding": v, "truncated": t}
+                    for r, v, t in zip(rows, vectors, truncated, strict=True)
                 ],
             )
-        for i, sha in enumerate(missing):
-            cached[sha] = (batch.vectors[i], batch.truncated[i])
+        for r, v, t in zip(rows, vectors, truncated, strict=True):
+            cached[missing[r]] = (v, t)
+
+    batch = embedder.embed_texts([unique[sha] for sha in missing], on_embedded=cache, isolate_failures=True)
+    failed_shas = {missing[r]: why for r, why in batch.failed.items()}
     dim = embedder.dimension
-    vectors = np.stack([cached[k][0] for k in keys]) if keys else np.zeros((0, dim), dtype=np.float32)
+    found = [cached.get(k, (np.zeros(dim, dtype=np.float32), False)) for k in keys]  # a zero row if failed
     return CachedEmbeddings(
-        vectors=vectors,
-        truncated=[cached[k][1] for k in keys],
+        vectors=np.stack([v for v, _ in found]) if found else np.zeros((0, dim), dtype=np.float32),
+        truncated=[t for _, t in found],
         reused=len(unique) - len(missing),
-        embedded=len(missing),
+        embedded=len(missing) - len(failed_shas),
         requests=batch.requests,
         retries=batch.retries,
+        failed={n: failed_shas[k] for n, k in enumerate(keys) if k in failed_shas},
     )

@@ -1,13 +1,15 @@
 """A local OpenAI-compatible embeddings server, reached through the real ``openai`` client.
 
 The only stand-in in the suite: it replaces the paid API. Tests script its answers (429 with
-Retry-After, 500, 400 for inputs over a length) and read back every request it received.
+Retry-After, 500, 400 for inputs over a length or for inputs declared invalid), run a hook on each request
+(to change the database while a run waits for its vectors) and read back every request it received.
 """
 
 import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,13 +36,22 @@ def fake_vector(text: str, dimension: int = 1536, random_vectors: bool = False) 
     return (bag + 0.2 * whole) * 3
 
 
+# What the API answers for an input it cannot embed (an empty string, say).
+INVALID_INPUT_MESSAGE = (
+    "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+)
+
+
 @dataclass
 class FakeOpenAI:
-    """Scripted failures are served first, in order; then every request succeeds."""
+    """Scripted failures are served first, in order; then a request holding an ``invalid_inputs`` text is
+    answered 400; every other request succeeds. ``on_request(inputs)`` runs before each answer."""
 
     max_input_chars: int | None = None
     random_vectors: bool = False
     script: list[tuple[int, dict]] = field(default_factory=list)
+    invalid_inputs: set[str] = field(default_factory=set)
+    on_request: Callable[[list[str]], None] | None = None
     requests: list[dict] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)
     url: str = ""
@@ -57,6 +68,8 @@ class FakeOpenAI:
                 fake.requests.append(body)
                 fake.headers.append({k.lower(): v for k, v in self.headers.items()})
                 inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                if fake.on_request is not None:
+                    fake.on_request(inputs)
                 if fake.script:
                     status, extra_headers = fake.script.pop(0)
                     return self._send(status, {"error": {"message": f"scripted {status}", "type": "x"}}, extra_headers)
@@ -66,6 +79,9 @@ class FakeOpenAI:
                         "9000 tokens. Please reduce your prompt."
                     )
                     return self._send(400, {"error": {"message": message, "type": "invalid_request_error"}})
+                if fake.invalid_inputs.intersection(inputs):
+                    error = {"message": INVALID_INPUT_MESSAGE, "type": "invalid_request_error"}
+                    return self._send(400, {"error": error})
                 data = [
                     {
                         "object": "embedding",

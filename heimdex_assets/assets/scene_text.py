@@ -35,21 +35,19 @@ def scene_text_embeddings(
             api_requests=embedded.requests,
             api_retries=embedded.retries,
         )
-        return {
-            i.item_id: ItemOutput(
-                rows={
-                    STEP.table.name: [
-                        {
-                            "scene_id": i.payload["scene_id"],
-                            "channel": i.payload["channel"],
-                            "dimension": int(vector.shape[0]),
-                            "embedding": vector,
-                        }
-                    ]
-                }
-            )
-            for i, vector in zip(batch.todo, embedded.vectors, strict=True)
-        }
+        outputs: dict[str, ItemOutput] = {}
+        for n, (i, vector) in enumerate(zip(batch.todo, embedded.vectors, strict=True)):
+            if n in embedded.failed:  # its request failed for good: this item alone fails, the others go on
+                outputs[i.item_id] = ItemOutput(error=embedded.failed[n])
+                continue
+            row = {
+                "scene_id": i.payload["scene_id"],
+                "channel": i.payload["channel"],
+                "dimension": int(vector.shape[0]),
+                "embedding": vector,
+            }
+            outputs[i.item_id] = ItemOutput(rows={STEP.table.name: [row]})
+        return outputs
 
     run = run_step(
         context, db, STEP, {STEP.name: text_embedder.model_id}, compute, gate_resources={"text_embedder": text_embedder}

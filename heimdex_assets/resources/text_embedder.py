@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,15 +38,51 @@ class EmbeddingProviderError(RuntimeError):
     """The provider refused or failed after every retry; the message says which and why."""
 
 
+# Called as soon as some inputs have their vectors: (input indices, their unit vectors, truncated flags).
+OnEmbedded = Callable[[list[int], np.ndarray, list[bool]], None]
+
+
 @dataclass
 class EmbeddingBatch:
-    """Vectors for a list of texts, with which inputs had to be truncated to fit the model."""
+    """Vectors for a list of texts, with which inputs had to be truncated to fit the model; with failures
+    isolated, ``failed`` maps the index of each input left without a vector (a zero row) to why."""
 
     vectors: np.ndarray
     truncated: list[bool]
     requests: int = 0
     retries: int = 0
     notes: list[str] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Embedding:
+    """One ``embed_texts`` call under way: the inputs as sent, where their vectors go, how failures end."""
+
+    inputs: list[str]
+    result: EmbeddingBatch
+    on_embedded: OnEmbedded | None
+    isolate: bool
+    isolation_left: int = 0  # extra requests left to narrow down the rejected inputs of one planned request
+    failed_in_a_row: int = 0  # requests in a row that failed after every retry
+
+    def store(self, rows: list[int], vectors: np.ndarray) -> None:
+        self.result.vectors[rows] = vectors
+        if self.on_embedded is not None:
+            self.on_embedded(rows, self.result.vectors[rows], [self.result.truncated[i] for i in rows])
+
+    def fail(self, rows: list[int], reason: str) -> None:
+        """``rows`` get no vector: recorded when isolating failures, raised otherwise."""
+        if not self.isolate:
+            raise EmbeddingProviderError(reason) from None  # not the client's exception: it names the host
+        self.result.failed.update(dict.fromkeys(rows, reason))
+
+    def split(self, rows: list[int]) -> tuple[list[int], list[int]] | None:
+        """``rows`` in halves, to be sent apart, while isolating and the extra requests allow it."""
+        if not self.isolate or len(rows) < 2 or self.isolation_left < 2:
+            return None
+        self.isolation_left -= 2
+        return rows[: len(rows) // 2], rows[len(rows) // 2 :]
 
 
 def plan_requests(token_counts: list[int], max_inputs: int, max_tokens: int) -> list[range]:
@@ -102,6 +139,10 @@ class TextEmbedder(dg.ConfigurableResource):
     max_tokens_per_input: int = MAX_TOKENS_PER_INPUT
     local_batch_size: int = 64
     device: str = "cpu"
+    # Isolating failures: extra requests allowed per planned request to find the inputs a 400 is about (one bad
+    # input among 2048 takes 22), and failed requests in a row after which the rest are not sent.
+    max_isolation_requests: int = 32
+    max_failed_requests_in_a_row: int = 3
 
     _client: Any = PrivateAttr(default=None)
 
@@ -123,13 +164,19 @@ class TextEmbedder(dg.ConfigurableResource):
             return OPENAI_DIMENSIONS.get(self.openai_model, 1536)
         return 384
 
-    def embed_texts(self, texts: list[str]) -> EmbeddingBatch:
-        """One unit vector per text, in order."""
+    def embed_texts(
+        self, texts: list[str], *, on_embedded: OnEmbedded | None = None, isolate_failures: bool = False
+    ) -> EmbeddingBatch:
+        """One unit vector per text, in order. ``on_embedded`` receives each request's vectors as they arrive
+        (a caller caches what was paid for before the rest is done). ``isolate_failures``: a request that fails
+        for good (rejected, or retries exhausted) leaves only its inputs without a vector (``failed``) and the
+        others go on; a rejected request is split to find the input(s) at fault. A misconfigured provider
+        (no key, 401/403/404) always raises: every input would fail alike."""
         if not texts:
             return EmbeddingBatch(np.zeros((0, self.dimension), dtype=np.float32), [])
         if self.resolved_provider == "openai":
-            return self._embed_openai(texts)
-        return self._embed_local(texts)
+            return self._embed_openai(texts, on_embedded, isolate_failures)
+        return self._embed_local(texts, on_embedded, isolate_failures)
 
     def embed_query(self, text: str) -> np.ndarray:
         """One unit vector for a search query. Locally the same model runs in NumPy (no torch import:
@@ -155,19 +202,37 @@ class TextEmbedder(dg.ConfigurableResource):
                 )
             return _LOCAL_MODELS[self.device]
 
-    def _embed_local(self, texts: list[str]) -> EmbeddingBatch:
+    def _embed_local(self, texts: list[str], on_embedded: OnEmbedded | None, isolate: bool) -> EmbeddingBatch:
         model = self._local_model()
         limit = model.max_seq_length
         # The model truncates silently at max_seq_length tokens; we record which inputs it cut.
         lengths = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        vectors = model.encode(
-            texts,
-            batch_size=self.local_batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return EmbeddingBatch(np.asarray(vectors, dtype=np.float32), [n > limit for n in lengths])
+        result = EmbeddingBatch(np.zeros((len(texts), self.dimension), dtype=np.float32), [n > limit for n in lengths])
+        run = _Embedding(texts, result, on_embedded, isolate)
+        for start in range(0, len(texts), self.local_batch_size):
+            run.isolation_left = self.max_isolation_requests
+            self._encode_local(model, run, list(range(start, min(start + self.local_batch_size, len(texts)))))
+        return result
+
+    def _encode_local(self, model: Any, run: _Embedding, rows: list[int]) -> None:
+        try:
+            vectors = model.encode(
+                [run.inputs[i] for i in rows],
+                batch_size=self.local_batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        except Exception as exc:  # isolating: a text the model cannot take fails alone, not its whole batch
+            if not run.isolate:
+                raise
+            halves = run.split(rows)
+            if halves is None:
+                run.fail(rows, f"the local text model failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            for half in halves or ():
+                self._encode_local(model, run, half)
+            return
+        run.store(rows, np.asarray(vectors, dtype=np.float32))
 
     # -- openai --------------------------------------------------------------------------------
 
@@ -186,19 +251,26 @@ class TextEmbedder(dg.ConfigurableResource):
             )
         return self._client
 
-    def _embed_openai(self, texts: list[str]) -> EmbeddingBatch:
+    def _embed_openai(self, texts: list[str], on_embedded: OnEmbedded | None, isolate: bool) -> EmbeddingBatch:
         inputs = [truncate_to_tokens(t, self.max_tokens_per_input, self.openai_model) for t in texts]
         truncated = [a != b for a, b in zip(inputs, texts, strict=True)]
         result = EmbeddingBatch(np.zeros((len(texts), self.dimension), dtype=np.float32), truncated)
+        run = _Embedding(inputs, result, on_embedded, isolate)
         counts = count_tokens(inputs, self.openai_model)
         for rows in plan_requests(counts, self.max_inputs_per_request, self.max_tokens_per_request):
-            self._request_rows(inputs, list(rows), result)
+            run.isolation_left = self.max_isolation_requests
+            self._request_rows(run, list(rows))
         return result
 
-    def _request_rows(self, inputs: list[str], rows: list[int], result: EmbeddingBatch) -> None:
-        """Embed ``inputs[rows]`` into ``result``; a too-long input is halved until accepted."""
+    def _request_rows(self, run: _Embedding, rows: list[int]) -> None:
+        """Embed ``run.inputs[rows]``; a too-long input is halved until accepted. Isolating, a request rejected
+        for its inputs is split in halves to find them, and one failed after every retry fails its inputs."""
         import openai
 
+        if run.failed_in_a_row >= self.max_failed_requests_in_a_row:  # the API is down: do not wait it out again
+            run.fail(rows, f"not sent: {run.failed_in_a_row} requests in a row failed after every retry")
+            return
+        inputs, result = run.inputs, run.result
         attempt = 0
         while True:
             try:
@@ -207,19 +279,26 @@ class TextEmbedder(dg.ConfigurableResource):
                     model=self.openai_model, input=[inputs[i] for i in rows], encoding_format="float"
                 )
                 break
-            except openai.BadRequestError as exc:
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 if not _is_too_long(exc):
-                    raise EmbeddingProviderError(f"OpenAI rejected the request: {_api_message(exc)}") from None
+                    halves = run.split(rows)
+                    if halves is None:
+                        what = "the request"
+                        if run.isolate:
+                            what = "the input" if len(rows) == 1 else f"a request of {len(rows)} inputs with this one"
+                        run.fail(rows, f"OpenAI rejected {what}: {_api_message(exc)}")
+                    for half in halves or ():
+                        self._request_rows(run, half)
+                    return
                 if len(rows) > 1:  # find the offending input without re-sending the rest twice
                     mid = len(rows) // 2
-                    self._request_rows(inputs, rows[:mid], result)
-                    self._request_rows(inputs, rows[mid:], result)
+                    self._request_rows(run, rows[:mid])
+                    self._request_rows(run, rows[mid:])
                     return
                 (i,) = rows
                 if len(inputs[i]) <= 1:
-                    raise EmbeddingProviderError(
-                        f"OpenAI rejected input {i} as too long: {_api_message(exc)}"
-                    ) from None
+                    run.fail(rows, f"OpenAI rejected input {i} as too long: {_api_message(exc)}")
+                    return
                 inputs[i] = inputs[i][: len(inputs[i]) // 2]
                 result.truncated[i] = True
                 result.notes.append(f"input {i} truncated to {len(inputs[i])} characters after a 400")
@@ -230,9 +309,9 @@ class TextEmbedder(dg.ConfigurableResource):
                 openai.APITimeoutError,
             ) as exc:
                 if attempt >= self.max_retries:
-                    raise EmbeddingProviderError(
-                        f"OpenAI embeddings failed after {attempt + 1} attempts: {_api_message(exc)}"
-                    ) from None
+                    run.failed_in_a_row += 1
+                    run.fail(rows, f"OpenAI embeddings failed after {attempt + 1} attempts: {_api_message(exc)}")
+                    return
                 wait = _retry_after_seconds(exc, attempt, self.backoff_base_s, self.backoff_cap_s)
                 log.warning(
                     "OpenAI embeddings: %s; retry %d/%d in %.1fs",
@@ -244,12 +323,16 @@ class TextEmbedder(dg.ConfigurableResource):
                 time.sleep(wait)
                 attempt += 1
                 result.retries += 1
-            except openai.APIStatusError as exc:
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
                 raise EmbeddingProviderError(f"OpenAI embeddings failed: {_api_message(exc)}") from None
+            except openai.APIStatusError as exc:
+                run.fail(rows, f"OpenAI embeddings failed: {_api_message(exc)}")
+                return
+        run.failed_in_a_row = 0
         data = sorted(response.data, key=lambda d: d.index)
         vectors = np.asarray([d.embedding for d in data], dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        result.vectors[rows] = vectors / np.where(norms == 0, 1, norms)
+        run.store(rows, vectors / np.where(norms == 0, 1, norms))
 
 
 def _is_too_long(exc: Any) -> bool:

@@ -7,11 +7,21 @@ from dagster import DagsterExecutionStepExecutionError, Failure
 from sqlalchemy import select, text, update
 
 from heimdex_assets.assets import scene_clip_embeddings, scene_text_embeddings
-from heimdex_assets.db.tables import scene_clip_vectors, scene_text_vectors, scenes, text_embedding_cache
+from heimdex_assets.db.tables import (
+    embedding_failures,
+    scene_clip_vectors,
+    scene_text_vectors,
+    scenes,
+    text_embedding_cache,
+)
+from heimdex_assets.freshness import partition_states
+from heimdex_assets.resources import TextEmbedder
 from heimdex_assets.resources.text_embedder import LOCAL_MODEL_ID
-from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG
+from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG, RETRY_FAILED_TAG
 from heimdex_assets.spec import SPEC
+from heimdex_assets.steps import SCENE_TEXT
 from heimdex_assets_tests.conftest import materialize_videos
+from heimdex_assets_tests.fake_openai import INVALID_INPUT_MESSAGE, FakeOpenAI
 
 VERSION = SPEC.step("scene_text").version
 
@@ -227,3 +237,158 @@ def test_bad_partition_keys_fail_with_a_clear_message(db, resources, instance, k
     failure = result.get_step_failure_events()[0].event_specific_data.error
     assert message in failure.message
     assert text_rows(db) == []
+
+
+# -- failure isolation: one text, one request, not the run ---------------------------------------------------
+
+API_KEY = "sk-test-NEVER-LOG-THIS-0123456789"
+OPENAI_MODEL = "text-embedding-3-small"
+
+
+@pytest.fixture
+def fake_openai():
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+def openai_resources(resources, fake, **overrides) -> dict:
+    embedder = TextEmbedder(
+        provider="openai", openai_api_key=API_KEY, openai_base_url=fake.url, backoff_base_s=0.01, **overrides
+    )
+    return resources | {"text_embedder": embedder}
+
+
+def scene_texts(db, rows, owner, video, n: int) -> dict[str, str]:
+    """``n`` scenes with texts of their own; item id → the exact text the model is sent (by the step's items)."""
+    for i in range(n):
+        rows.scene(video, owner, i, transcript=f"Line {i} of the log.", visual_description=f"Pier {i}")
+    with db.engine.connect() as conn:
+        return {i.item_id: i.payload["text"] for i in SCENE_TEXT.items(conn, {"scene_text": OPENAI_MODEL}, [video])}
+
+
+def scene_requests(fake, texts) -> list[list[str]]:
+    """The requests that carried scene texts (not the evaluation gate's queries), in order."""
+    return [r["input"] for r in fake.requests if set(r["input"]) & set(texts.values())]
+
+
+def failure_rows(db) -> dict[str, str]:
+    with db.engine.connect() as conn:
+        return dict(conn.execute(select(embedding_failures.c.item_id, embedding_failures.c.reason)).all())
+
+
+def cached_texts(db) -> set[str]:
+    with db.engine.connect() as conn:
+        return set(conn.execute(select(text_embedding_cache.c.text_sha256)).scalars())
+
+
+def test_a_text_the_api_rejects_fails_alone_and_the_paid_vectors_are_reused(db, rows, resources, instance, fake_openai):
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=0)
+    texts = scene_texts(db, rows, owner, video, 4)  # 8 texts, sent 3 a request
+    bad_item = sorted(texts)[4]
+    fake_openai.invalid_inputs = {texts[bad_item]}
+    resources = openai_resources(resources, fake_openai, max_inputs_per_request=3)
+
+    meta = metadata(materialize_videos([scene_text_embeddings], [str(video)], resources, instance))
+
+    # The rejected request was split until the bad text stood alone; every good text was paid for once.
+    sent = scene_requests(fake_openai, texts)
+    accepted = [t for r in sent if texts[bad_item] not in r for t in r]
+    assert sorted(accepted) == sorted(t for k, t in texts.items() if k != bad_item)
+    assert [texts[bad_item]] in sent and len(sent) <= 3 + 4
+    reason = f"OpenAI rejected the input: HTTP 400: {INVALID_INPUT_MESSAGE}"
+    assert (meta["failures"], meta["failure_reasons"]) == (1, {bad_item: reason})
+    assert (meta["items_computed"], meta["rows_written"], meta["texts_embedded"]) == (8, 7, 7)
+    assert failure_rows(db) == {bad_item: reason}
+    assert API_KEY not in reason and "127.0.0.1" not in reason
+    assert {f"{r['scene_id']}:{r['channel']}" for r in text_rows(db)} == set(texts) - {bad_item}
+    assert cached_texts(db) == {sha256(t) for k, t in texts.items() if k != bad_item}
+    with db.engine.connect() as conn:  # the failure shows: the partition is failed, in its backoff
+        state = partition_states(conn, SCENE_TEXT, {"scene_text": OPENAI_MODEL})[str(video)]
+    assert (state.state, state.failed_items) == ("failed", 1)
+
+    # A forced rerun takes the 7 good vectors from the cache, sends nothing, and leaves the failed item to
+    # its backoff.
+    fake_openai.requests.clear()
+    again = metadata(
+        materialize_videos([scene_text_embeddings], [str(video)], resources, instance, tags={FORCE_TAG: "true"})
+    )
+    assert scene_requests(fake_openai, texts) == []
+    assert (again["reused_from_cache"], again["texts_embedded"], again["items_waiting_for_retry"]) == (7, 0, 1)
+
+    # Once the API takes it, retrying the failed item sends that text alone and the partition is fresh.
+    fake_openai.invalid_inputs.clear()
+    fake_openai.requests.clear()
+    retried = metadata(
+        materialize_videos([scene_text_embeddings], [str(video)], resources, instance, tags={RETRY_FAILED_TAG: "1"})
+    )
+    assert scene_requests(fake_openai, texts) == [[texts[bad_item]]]
+    assert (retried["items_computed"], retried["failures"], retried["rows_written"]) == (1, 0, 1)
+    assert failure_rows(db) == {}
+    with db.engine.connect() as conn:
+        assert partition_states(conn, SCENE_TEXT, {"scene_text": OPENAI_MODEL})[str(video)].state == "fresh"
+
+
+def test_a_request_that_fails_after_every_retry_fails_only_its_texts(db, rows, resources, instance, fake_openai):
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=0)
+    texts = scene_texts(db, rows, owner, video, 3)  # 6 texts, 2 a request
+    fake_openai.script = [(500, {})] * 2  # the first request, and its one retry
+    resources = openai_resources(resources, fake_openai, max_inputs_per_request=2, max_retries=1)
+
+    meta = metadata(materialize_videos([scene_text_embeddings], [str(video)], resources, instance))
+
+    first = scene_requests(fake_openai, texts)[0]
+    failed = {k for k, t in texts.items() if t in first}
+    reason = "OpenAI embeddings failed after 2 attempts: HTTP 500: scripted 500"
+    assert meta["failure_reasons"] == dict.fromkeys(sorted(failed), reason) and meta["failures"] == 2
+    assert (meta["api_requests"], meta["api_retries"], meta["rows_written"]) == (4, 1, 4)
+    assert {f"{r['scene_id']}:{r['channel']}" for r in text_rows(db)} == set(texts) - failed
+    assert failure_rows(db) == dict.fromkeys(failed, reason)
+
+
+def test_after_requests_fail_in_a_row_the_rest_is_not_sent(db, rows, resources, instance, fake_openai):
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=0)
+    texts = scene_texts(db, rows, owner, video, 3)
+    fake_openai.script = [(503, {})] * 20  # the API is down
+    resources = openai_resources(
+        resources, fake_openai, max_inputs_per_request=1, max_retries=0, max_failed_requests_in_a_row=2
+    )
+    meta = metadata(materialize_videos([scene_text_embeddings], [str(video)], resources, instance))
+    assert len(scene_requests(fake_openai, texts)) == 2
+    reasons = set(meta["failure_reasons"].values())
+    assert meta["failures"] == 6 and text_rows(db) == []
+    assert reasons == {
+        "OpenAI embeddings failed after 1 attempts: HTTP 503: scripted 503",
+        "not sent: 2 requests in a row failed after every retry",
+    }
+
+
+def test_vectors_paid_for_before_the_run_fails_stay_cached(db, rows, resources, instance, fake_openai):
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=0)
+    texts = scene_texts(db, rows, owner, video, 2)  # 4 texts, 2 a request
+
+    def revoke_key_after_the_first_request(inputs: list[str]) -> None:
+        if len(fake_openai.requests) == 2:
+            fake_openai.script.append((401, {}))
+
+    fake_openai.on_request = revoke_key_after_the_first_request
+    resources = openai_resources(resources, fake_openai, max_inputs_per_request=2)
+    result = materialize_videos([scene_text_embeddings], [str(video)], resources, instance, raise_on_error=False)
+
+    # A misconfigured provider fails the run (every text would fail alike), not the items one by one...
+    assert not result.success
+    error = result.get_step_failure_events()[0].event_specific_data.error.cause.message
+    assert "OpenAI embeddings failed: HTTP 401: scripted 401" in error and API_KEY not in error
+    assert text_rows(db) == [] and failure_rows(db) == {}
+    # ...but the first request's vectors were cached as they came: the rerun does not pay for them again.
+    first = fake_openai.requests[0]["input"]
+    assert cached_texts(db) == {sha256(t) for t in first}
+    fake_openai.on_request = None
+    fake_openai.requests.clear()
+    meta = metadata(materialize_videos([scene_text_embeddings], [str(video)], resources, instance))
+    assert [sorted(r) for r in scene_requests(fake_openai, texts)] == [sorted(set(texts.values()) - set(first))]
+    assert (meta["reused_from_cache"], meta["texts_embedded"], meta["rows_written"]) == (2, 2, 4)
