@@ -123,6 +123,7 @@ def set_photo_statuses(
     code_version=STEP.version,
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"pytorch", "opencv", "postgres"},
+    pool="clip",  # CLIP on the reference photos: shares the GPU's pool with scene_clip_embeddings
     group_name="person_embeddings",
     deps=["person_reference_photos"],
     description=STEP.spec.description,

@@ -76,6 +76,7 @@ def embed_thumbnails(blobs: BlobStore, clip: ClipEmbedder, items: list[Item]) ->
     code_version=STEP.version,
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"pytorch", "postgres"},
+    pool="clip",  # one CLIP step per GPU across runs (README "Run limits and retries")
     group_name="scene_embeddings",
     deps=["scenes"],
     description=STEP.spec.description,

@@ -76,6 +76,7 @@ def scan_output(t: ScannedThumbnail, vectors: np.ndarray) -> ItemOutput:
     code_version=STEP.version,
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"opencv", "pytorch", "postgres"},
+    pool="clip",  # CLIP on the person crops: shares the GPU's pool with scene_clip_embeddings
     group_name="scene_embeddings",
     deps=["scenes"],
     description=STEP.spec.description,

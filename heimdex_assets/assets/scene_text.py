@@ -16,6 +16,7 @@ from heimdex_assets.text_cache import embed_texts_cached
     code_version=STEP.version,
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"openai", "postgres"},
+    pool="openai",  # one embeddings caller per API key across runs: the key's token rate is the limit
     group_name="scene_embeddings",
     deps=["scenes"],
     description=STEP.spec.description,
