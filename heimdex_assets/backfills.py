@@ -44,6 +44,15 @@ query AssetRepository($keys: [AssetKeyInput!]) {
   assetNodes(assetKeys: $keys) { repository { name location { name } } }
 }
 """
+_IN_PROGRESS = """
+query BackfillsInProgress {
+  partitionBackfillsOrError(status: REQUESTED, limit: 1000) {
+    __typename
+    ... on PartitionBackfills { results { id partitionNames assetSelection { path } } }
+    ... on Error { message }
+  }
+}
+"""
 _STATUS = """
 query BackfillStatus($id: String!) {
   partitionBackfillOrError(backfillId: $id) {
@@ -167,6 +176,19 @@ def backfill_status(graphql_url: str, backfill_id: str, *, timeout_s: float = 30
         **totals,
         "error": _first_line(found["error"]["message"]) if found["error"] else None,
         "owner_scope": next((t["value"] for t in found.get("tags") or [] if t["key"] == OWNER_SCOPE_TAG), None),
+    }
+
+
+def backfills_in_progress(graphql_url: str, *, timeout_s: float = 30) -> dict[str, set[tuple[str, str]]]:
+    """Per asset backfill still in progress on the deployment (any launcher: the API, the CLI, the stale
+    sensor, the UI), the (asset, partition) pairs it targets."""
+    with _Client(graphql_url, timeout_s) as client:
+        found = client.execute(_IN_PROGRESS, {})["partitionBackfillsOrError"]
+    if found["__typename"] != "PartitionBackfills":
+        raise BackfillError(f"Dagster could not list its backfills: {_error_message(found)}")
+    return {
+        b["id"]: {("/".join(a["path"]), p) for a in b["assetSelection"] or () for p in b["partitionNames"] or ()}
+        for b in found["results"]
     }
 
 

@@ -177,7 +177,9 @@ def reprocess(args: argparse.Namespace) -> dict:
                     f"backfill(s) {states}: {n} asset partition(s) failed; see {_backfill_urls(url, unfinished)}"
                 )
             raise CliError(f"backfill(s) {states}: {_name_partitions(not_redone)} not redone")
-        return result | {"message": f"{result['message']}; all completed"}
+        return _with_failed_items(
+            result | {"message": f"{result['message']}; all completed"}, resources, plan, launched_at
+        )
     say = (lambda _: None) if args.json else (lambda msg: print(msg, flush=True))
     say(f"Using embedding spec version: {LATEST_EMBEDDING_SPEC_VERSION}")
     groups = partition_groups(plan)
@@ -210,10 +212,26 @@ def reprocess(args: argparse.Namespace) -> dict:
         named = _name_partitions({k: label.split(", ") for label, o in failed for k in o.keys})
         raise CliError(f"{len(failed)} run(s) failed, {named} not redone; first error: {failed[0][1].error}")
     redone = sum(len(a.partitions) for a in plan.assets.values())
-    return result | {
-        "message": f"redid {redone} asset partition(s) across {plan.video_count} video(s) in scope, "
+    message = (
+        f"redid {redone} asset partition(s) across {plan.video_count} video(s) in scope, "
         f"with spec {LATEST_EMBEDDING_SPEC_VERSION}"
-    }
+    )
+    return _with_failed_items(result | {"message": message}, resources, plan, launched_at)
+
+
+def _with_failed_items(result: dict, resources: dict, plan: object, launched_at: datetime) -> dict:
+    """``result`` with the items the reprocess tried and could not embed, named with their reasons in the
+    message (``main`` then exits 2: the runs completed, these items did not)."""
+    from dataclasses import asdict
+
+    from heimdex_assets.reprocess import describe_failed_items, failed_items
+
+    with resources["db"].engine.connect() as conn:
+        items = failed_items(conn, plan, launched_at)
+    result["failed_items"] = [asdict(i) for i in items]
+    if items:
+        result["message"] += f"; {describe_failed_items(items)} (recorded; retried after their backoff)"
+    return result
 
 
 def _scene_counts(conn: object, plan: object) -> dict[str, int]:
@@ -337,6 +355,59 @@ def _print_reprocess(result: dict) -> None:
     print(result["message"])
 
 
+def approve(args: argparse.Namespace) -> dict:
+    """Launch a reprocess plan that the spend guard holds for approval: exactly its recorded partitions, as
+    backfills on the Dagster deployment, or with --sync in this process."""
+    import getpass
+
+    from heimdex_assets.backfills import BackfillError, graphql_url_from_env, launch_plan_backfills
+    from heimdex_assets.launch import dagster_instance, partition_weights
+    from heimdex_assets.models import expected_models
+    from heimdex_assets.partitions import canonical_uuid
+    from heimdex_assets.reprocess import run_plan
+    from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
+    from heimdex_assets.spend_guard import SpendGuardError, rebuild
+    from heimdex_assets.spend_guard import approve as approve_plan
+
+    plan_id = uuid.UUID(canonical_uuid(args.plan_id, "plan id"))
+    resources = follow_recorded_placeholder(resources_from_env(deferred=False))
+    engine = resources["db"].engine
+    with engine.connect() as conn:
+        models = expected_models(conn, resources)
+        weights = {kind: partition_weights(conn, kind) for kind in ("video", "owner")}
+        launched_at = conn.execute(text("SELECT now()")).scalar_one()
+    outcomes: dict[str, list] = {}
+    url = graphql_url_from_env()
+
+    def launch(plan: object) -> list[str]:
+        if args.sync:
+            outcomes.update(run_plan(plan, resources, dagster_instance()))
+            return []
+        return [b.backfill_id for b in launch_plan_backfills(plan, url, weights=weights)]
+
+    try:
+        stored = approve_plan(engine, plan_id, f"cli:{getpass.getuser()}", models, launch)
+    except (SpendGuardError, BackfillError) as exc:
+        raise CliError(str(exc)) from None
+    result = {"plan": stored.as_dict()}
+    failed = [o for runs in outcomes.values() for o in runs if not o.success]
+    if failed:
+        raise CliError(f"plan {plan_id} launched; {len(failed)} run(s) failed, first error: {failed[0].error}")
+    if args.sync:
+        message = f"approved plan {plan_id}: redid {stored.partitions} asset partition(s) in this process"
+        return _with_failed_items(result | {"message": message}, resources, rebuild(stored, models), launched_at)
+    ids = ", ".join(stored.backfill_ids or [])
+    return result | {
+        "message": f"approved plan {plan_id}: launched {len(stored.backfill_ids or [])} backfill(s): {ids}"
+    }
+
+
+def rebuild_plan(stored: object, models: dict[str, str]) -> object:
+    from heimdex_assets.spend_guard import rebuild
+
+    return rebuild(stored, models)
+
+
 def search(args: argparse.Namespace) -> dict:
     """Search one owner's scenes: lexical, semantic or hybrid, optionally ranked by a person."""
     from heimdex_assets.partitions import canonical_uuid
@@ -407,6 +478,7 @@ def status(args: argparse.Namespace) -> dict:
     )
     from heimdex_assets.models import configured_models, deployment_models
     from heimdex_assets.settings import follow_recorded_placeholder, resources_from_env
+    from heimdex_assets.spend_guard import waiting_plan
     from heimdex_assets.steps import STEPS
 
     resources = follow_recorded_placeholder(resources_from_env(deferred=False))
@@ -444,7 +516,12 @@ def status(args: argparse.Namespace) -> dict:
                 "stale_items": sum(s.stale_items for s in states.values()),
                 "failed_items": sum(s.failed_items for s in states.values()),
             }
-    return {"spec_version": LATEST_EMBEDDING_SPEC_VERSION, "assets": assets}
+        waiting = waiting_plan(conn)
+    return {
+        "spec_version": LATEST_EMBEDDING_SPEC_VERSION,
+        "assets": assets,
+        "waiting_plan": waiting.as_dict() if waiting else None,
+    }
 
 
 def _print_status(result: dict) -> None:
@@ -486,6 +563,14 @@ def _print_status(result: dict) -> None:
                 f"note: {asset_key}: this process is configured for {a['configured_model_id']}; "
                 "workers so configured refuse to write (`heimdex models use` moves the deployment)"
             )
+    waiting = result.get("waiting_plan")
+    if waiting:
+        print(
+            f"\nspend guard: plan {waiting['plan_id']} waits for approval since {waiting['created_at']}: "
+            f"{waiting['partitions']} asset partition(s), estimated {waiting['estimated_tokens']:,} OpenAI tokens "
+            f"(${waiting['estimated_usd']:.4f}); {waiting['reason']}\n"
+            f"  launch it with: heimdex approve {waiting['plan_id']}"
+        )
 
 
 def _age(seconds: float | None) -> str:
@@ -644,6 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=reprocess, printer=_print_reprocess)
 
+    p = sub.add_parser("approve", help="launch a reprocess plan the spend guard holds for approval (see `status`)")
+    p.add_argument("plan_id")
+    p.add_argument("--sync", action="store_true", help="run it in this process instead of as Dagster backfills")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=approve, printer=lambda r: print(r["message"]))
+
     p = sub.add_parser("status", help="partitions fresh / stale / missing / failed per asset")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=status, printer=_print_status)
@@ -710,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=2, default=str))
     else:
         args.printer(result)
-    return 0
+    return 2 if result.get("failed_items") else 0  # done, but items failed (named in the message)
 
 
 if __name__ == "__main__":

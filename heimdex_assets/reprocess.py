@@ -6,7 +6,8 @@ freshness of ``freshness.py``, every one with ``force``, failed ones too with ``
 ``steps``, only for those steps and the steps downstream of them (the others are still counted, so an
 operator sees what was left stale). It estimates what the text step would cost on the OpenAI API
 (texts not in the cache only), counting tokens with the model's own tokenizer (``tokens.py``).
-``run_plan`` materialises the plan in-process in contiguous ranges, with the owner scope as a run tag.
+``run_plan`` materialises the plan in-process in contiguous ranges, with the owner scope as a run tag;
+``failed_items`` then names the items its runs could not compute, with their reasons.
 """
 
 from __future__ import annotations
@@ -193,6 +194,24 @@ def plan_reprocess(conn: Connection, request: ReprocessRequest, models: dict[str
     return plan
 
 
+def estimate_openai(conn: Connection, plan: ReprocessPlan, models: dict[str, str]) -> None:
+    """Set the plan's OpenAI estimate anew for the partitions it holds now (after the sensor left out what is in
+    flight or not registered, or a stored plan was rebuilt), as ``plan_reprocess`` counts it."""
+    plan.estimated_openai_tokens, plan.estimated_openai_cost_usd, plan.estimate_exact = 0, 0.0, True
+    for step in STEPS:
+        asset = plan.assets.get(step.asset_key)
+        if asset is None or not asset.partitions or not step.cost_column:
+            continue
+        if asset.model_id not in OPENAI_PRICE_PER_MILLION:
+            continue
+        ids = [uuid.UUID(k) for k in asset.partitions]
+        states = partition_states(conn, step, models, partition_ids=ids)
+        tokens, exact = _billed_tokens(conn, step, models, states, asset.partitions, plan.request.force)
+        plan.estimated_openai_tokens += tokens
+        plan.estimated_openai_cost_usd += tokens / 1e6 * OPENAI_PRICE_PER_MILLION[asset.model_id]
+        plan.estimate_exact &= exact
+
+
 def _billed_tokens(
     conn: Connection,
     step: Step,
@@ -281,6 +300,52 @@ def plan_tags(plan: ReprocessPlan) -> dict[str, str]:
     if plan.request.retry_failed:
         tags[RETRY_FAILED_TAG] = "true"
     return tags
+
+
+@dataclass(frozen=True)
+class FailedItem:
+    """An item a reprocess computed and could not embed, with the reason its run recorded."""
+
+    asset_key: str
+    partition: str
+    item_id: str
+    reason: str
+
+
+def failed_items(conn: Connection, plan: ReprocessPlan, since: datetime) -> list[FailedItem]:
+    """The items of the plan's partitions whose failure was recorded at or after ``since`` (the launch, on the
+    database's clock) under the plan's generations: those its runs tried and failed, not those left waiting."""
+    out: list[FailedItem] = []
+    for asset_key, a in plan.assets.items():
+        if not a.partitions:
+            continue
+        rows = conn.execute(
+            text(
+                "SELECT partition_id::text, item_id, reason FROM embedding_failures WHERE step = :step "
+                "AND step_version = :version AND model_id = :model AND failed_at >= :since "
+                "AND partition_id = ANY(CAST(:ids AS uuid[])) ORDER BY partition_id, item_id"
+            ),
+            {
+                "step": step_for_asset(asset_key).name,
+                "version": a.step_version,
+                "model": a.model_id,
+                "since": since,
+                "ids": a.partitions,
+            },
+        )
+        out += [FailedItem(asset_key, partition, item_id, reason) for partition, item_id, reason in rows]
+    return out
+
+
+def describe_failed_items(items: list[FailedItem], named: int = 20) -> str:
+    """``N item(s) failed: asset item (video …): reason; …`` naming the first ``named``, counting the rest."""
+    listed = [
+        f"{i.asset_key} item {i.item_id} ({step_for_asset(i.asset_key).partitioning} {i.partition}): "
+        f"{i.reason.splitlines()[0][:200]}"
+        for i in items[:named]
+    ]
+    more = f"; and {len(items) - named} more" if len(items) > named else ""
+    return f"{len(items)} item(s) failed: {'; '.join(listed)}{more}"
 
 
 def run_plan(

@@ -41,7 +41,7 @@ ALL_TABLES = (
     "partition_ledger, input_stamps, step_models, generations, generation_events, "
     "owners, videos, scenes, persons, person_reference_photos, scene_text_vectors, scene_clip_vectors, "
     "text_embedding_cache, embedding_failures, scene_person_vectors, scene_person_scans, person_photo_vectors, "
-    "person_query_vectors, scene_search_documents"
+    "person_query_vectors, scene_search_documents, reprocess_plans"
 )
 
 

@@ -70,6 +70,8 @@ class Deployment:
             "DAGSTER_HOME": str(self.home),
             "HEIMDEX_HOME": str(tmp_path / "heimdex-home"),
             "HEIMDEX_BLOB_ROOTS": str(tmp_path),  # the tests' media (rows) is written under tmp_path
+            # The tests drive the stale sensor's ticks themselves; the daemon must not tick it behind them.
+            "HEIMDEX_STALE_SENSOR_DEFAULT": "stopped",
             "HEIMDEX_DATABASE_URL": database_url,
             "HEIMDEX_SEARCH_SQLITE_PATH": str(tmp_path / "search" / "scenes.sqlite"),
             "HEIMDEX_CLIP_MODEL": TINY_MODEL,

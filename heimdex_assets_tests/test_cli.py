@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import uuid
 
 import pytest
 from sqlalchemy import text
@@ -210,6 +211,7 @@ def tiny_env(env, monkeypatch, tiny_clip_checkpoint, tmp_path):
     monkeypatch.setenv("HEIMDEX_TEXT_PROVIDER", "local")
     monkeypatch.setenv("HEIMDEX_SEARCH_SQLITE_PATH", str(tmp_path / "search" / "scenes.sqlite"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.setenv("HEIMDEX_BLOB_ROOTS", str(tmp_path))  # the `rows` fixture's media
     return env
 
 
@@ -252,3 +254,61 @@ def test_reprocess_sync_names_the_partitions_whose_runs_failed(tiny_env, capsys,
 def test_reprocess_timeout_goes_with_wait(env, capsys):
     code, out, err = run_cli(capsys, "reprocess", "--scope", "all", "--timeout", "5")
     assert (code, out, err) == (1, "", "heimdex: error: --timeout goes with --wait\n")
+
+
+def test_reprocess_sync_names_the_items_that_failed_and_exits_2(tiny_env, capsys, rows, tmp_path):
+    owner = rows.owner()
+    video = rows.video(owner, n_scenes=1)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG but not really")
+    bad_scene = rows.scene(video, owner, 1, thumbnail_uri=str(corrupt), thumbnail_sha256=None)
+
+    code, out, err = run_cli(capsys, "reprocess", "--scope", "video", "--video-id", str(video), "--sync")
+
+    # The runs completed; the one item that could not be embedded is named, with its reason, and the exit
+    # status says so.
+    assert code == 2, err
+    summary = out.splitlines()[-1]
+    assert "redid 4 asset partition(s) across 1 video(s) in scope" in summary
+    assert f"scene_clip_embeddings item {bad_scene} (video {video}): " in summary
+    assert "not a readable image" in summary and "(recorded; retried after their backoff)" in summary
+    code, out, _ = run_cli(
+        capsys, "reprocess", "--scope", "video", "--video-id", str(video), "--retry-failed", "--sync", "--json"
+    )
+    failed = json.loads(out)["failed_items"]
+    assert code == 2 and {(f["asset_key"], f["item_id"]) for f in failed} >= {("scene_clip_embeddings", str(bad_scene))}
+
+
+def test_a_waiting_plan_shows_in_status_and_approve_launches_exactly_it(tiny_env, capsys, rows, db):
+    from heimdex_assets.models import expected_models
+    from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess
+    from heimdex_assets.settings import resources_from_env
+    from heimdex_assets.spend_guard import record_plan
+
+    owner = rows.owner()
+    videos = sorted(str(rows.video(owner, n_scenes=1)) for _ in range(2))
+    resources = resources_from_env(deferred=False)
+    with db.transaction() as conn:  # as the stale sensor records a plan over the ceiling
+        plan = plan_reprocess(conn, ReprocessRequest("video", uuid.UUID(videos[0])), expected_models(conn, resources))
+        stored, _ = record_plan(conn, plan, created_by="stale_partitions_sensor", status="waiting", reason="over it")
+
+    code, out, _ = run_cli(capsys, "status")
+    assert code == 0
+    assert f"spend guard: plan {stored.id} waits for approval since " in out
+    assert f"launch it with: heimdex approve {stored.id}" in out
+
+    code, out, err = run_cli(capsys, "approve", str(stored.id), "--sync", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["plan"]["status"] == "launched" and result["plan"]["approved_by"].startswith("cli:")
+    with db.engine.connect() as conn:
+        written = set(conn.execute(text("SELECT DISTINCT partition_id::text FROM partition_ledger")).scalars())
+    assert written == {videos[0]}  # exactly the plan's partitions: not the other video, stale as it is
+
+    code, out, err = run_cli(capsys, "approve", str(stored.id))
+    assert (code, out) == (1, "")
+    assert err == f"heimdex: error: plan {stored.id} is launched: only a waiting plan can be approved\n"
+    code, _, err = run_cli(capsys, "approve", "not-a-plan")
+    assert (
+        code == 1 and err.startswith("heimdex: error: malformed plan id") and err[-1] == "\n" and err.count("\n") == 1
+    )

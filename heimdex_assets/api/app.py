@@ -43,6 +43,7 @@ from heimdex_assets.backfills import (
     BackfillError,
     BackfillNotFoundError,
     backfill_status,
+    backfills_in_progress,
     graphql_url_from_env,
     launch_plan_backfills,
 )
@@ -71,6 +72,7 @@ from heimdex_assets.resources.search_index import SearchIndexError
 from heimdex_assets.resources.text_embedder import EmbeddingProviderError
 from heimdex_assets.search import Mode, SearchError, search_scenes
 from heimdex_assets.spec import LATEST_EMBEDDING_SPEC_VERSION
+from heimdex_assets.spend_guard import PlanNotFoundError, SpendCeiling, SpendGuardError, approve, recent_plans
 from heimdex_assets.steps import STEPS
 from heimdex_assets.steps import step as step_named
 
@@ -100,6 +102,8 @@ class ReprocessBody(BaseModel):
     retry_failed: bool = False
     # Only these steps (names or asset keys) and what depends on them; unknown ones are a 422.
     steps: list[str] | None = None
+    # Required (true) when the plan's OpenAI estimate is above the spend ceiling (HEIMDEX_AUTO_MAX_*_PER_DAY).
+    confirm_spend: bool = False
 
     @model_validator(mode="after")
     def _ids_for_scope(self) -> "ReprocessBody":
@@ -426,6 +430,30 @@ def create_app(
         if plan.empty:
             message = f"Nothing to reprocess for {plan.video_count} video(s): all fresh for spec version "
             return result | {"status": "nothing_to_do", "message": message + LATEST_EMBEDDING_SPEC_VERSION}
+        ceiling = SpendCeiling.from_env()
+        over = (
+            plan.estimated_openai_tokens > ceiling.tokens_per_day
+            or plan.estimated_openai_cost_usd > ceiling.usd_per_day
+        )
+        if over and not body.confirm_spend:
+            detail = {
+                "message": f"this reprocess would send an estimated {plan.estimated_openai_tokens:,} tokens "
+                f"(${plan.estimated_openai_cost_usd:.4f}) to OpenAI, above the ceiling of "
+                f"{ceiling.tokens_per_day:,} tokens / ${ceiling.usd_per_day:.2f}: repeat with confirm_spend: true",
+                "estimated_openai_tokens": plan.estimated_openai_tokens,
+                "estimated_openai_cost_usd": plan.estimated_openai_cost_usd,
+            }
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
+        if not body.force:  # the same work queued or running already (this API, the CLI, the sensor, the UI)
+            planned = {(k, p) for k, a in plan.assets.items() for p in a.partitions}
+            busy = sorted(b for b, pairs in backfills_in_progress(graphql_url).items() if pairs & planned)
+            if busy:
+                detail = {
+                    "message": f"backfill(s) {', '.join(busy)} already redo partitions of this reprocess and are "
+                    "still in progress: follow them, or repeat with force: true",
+                    "backfill_ids": busy,
+                }
+                raise HTTPException(status.HTTP_409_CONFLICT, detail=detail)
         launched = launch_plan_backfills(plan, graphql_url, weights=weights)
         return result | {
             "status": "queued",
@@ -456,6 +484,31 @@ def create_app(
         if principal.owner_id is not None:  # a flip changes what every owner's searches read
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail="an owner-scoped token cannot change generations")
         return principal
+
+    @router.get("/reprocess-plans")
+    def reprocess_plans(principal: Annotated[Principal, Depends(global_admin)]) -> dict:
+        """The spend guard's latest plans, newest first: the one waiting for approval, if any, and those launched."""
+        with resources["db"].engine.connect() as conn:
+            plans = [p.as_dict() for p in recent_plans(conn)]
+        return {"waiting": next((p for p in plans if p["status"] == "waiting"), None), "plans": plans}
+
+    @router.post("/reprocess-plans/{plan_id}/approve")
+    def approve_plan(plan_id: uuid.UUID, principal: Annotated[Principal, Depends(global_admin)]) -> dict:
+        """Launch the plan waiting for approval, exactly its recorded partitions, as backfills."""
+        with resources["db"].engine.connect() as conn:
+            models = expected_models(conn, resources)
+            weights = {kind: partition_weights(conn, kind) for kind in ("video", "owner")}
+
+        def launch(plan: object) -> list[str]:
+            return [b.backfill_id for b in launch_plan_backfills(plan, graphql_url, weights=weights)]
+
+        try:
+            stored = approve(resources["db"].engine, plan_id, f"admin api: {principal.subject}", models, launch)
+        except PlanNotFoundError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+        except SpendGuardError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+        return stored.as_dict()
 
     @router.get("/embedding-spec")
     def embedding_spec(principal: Annotated[Principal, Depends(admin)]) -> dict:

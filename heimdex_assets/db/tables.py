@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     Uuid,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData()
 
@@ -241,4 +242,24 @@ step_models = Table(
     Column("model_id", Text, nullable=False),
     Column("recorded_at", DateTime(timezone=True)),
     Column("recorded_by", Text, nullable=False),
+)
+
+# The spend guard (migration 0007): plans an automatic launcher made, launched or waiting for approval.
+reprocess_plans = Table(
+    "reprocess_plans",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("created_at", DateTime(timezone=True)),
+    Column("created_by", Text, nullable=False),
+    Column("status", Text, nullable=False),  # waiting | launched | superseded
+    Column("fingerprint", Text, nullable=False),
+    Column("assets", JSONB, nullable=False),  # asset key -> {"step_version", "model_id", "partitions": [...]}
+    Column("partitions", Integer, nullable=False),
+    Column("estimated_tokens", BigInteger, nullable=False),
+    Column("estimated_usd", Float, nullable=False),
+    Column("reason", Text),
+    Column("approved_by", Text),
+    Column("approved_at", DateTime(timezone=True)),
+    Column("launched_at", DateTime(timezone=True)),
+    Column("backfill_ids", JSONB),
 )

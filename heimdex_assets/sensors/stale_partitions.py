@@ -7,15 +7,20 @@ their progress). Assets that redo the same partitions share a backfill; each bac
 worth of work, about ``scenes_per_run()`` scenes (``pack_runs``); partitions that a queued or
 running backfill or run already covers are never submitted again (``in_flight_partitions``).
 Failed partitions are left alone: they wait for the failure backoff of ``freshness.py``.
+It runs by default, behind the spend guard (``spend_guard.py``): a plan whose OpenAI estimate would take the
+day's automatic spend over the ceiling is recorded as waiting for approval and nothing is launched.
 The ``reprocess`` job (``heimdex_assets.jobs``) submits its plans through the same functions.
 """
 
+import copy
+import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
+from sqlalchemy import text
 
 from heimdex_assets.assets import DERIVED_ASSETS
 from heimdex_assets.launch import (
@@ -28,8 +33,16 @@ from heimdex_assets.launch import (
 )
 from heimdex_assets.models import expected_models, model_resources
 from heimdex_assets.partitions import owners_partitions, videos_partitions
-from heimdex_assets.reprocess import ReprocessPlan, ReprocessRequest, partition_groups, plan_reprocess, plan_tags
+from heimdex_assets.reprocess import (
+    ReprocessPlan,
+    ReprocessRequest,
+    estimate_openai,
+    partition_groups,
+    plan_reprocess,
+    plan_tags,
+)
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
+from heimdex_assets.spend_guard import SpendCeiling, judge, lock_guard, record_plan
 from heimdex_assets.steps import step_for_asset
 
 MAX_BACKFILLS_PER_TICK = 200
@@ -42,6 +55,10 @@ IN_FLIGHT_RUN_STATUSES = [
     dg.DagsterRunStatus.STARTED,
 ]
 PARTITIONINGS = {"video": videos_partitions, "owner": owners_partitions}
+SENSOR_NAME = "stale_partitions_sensor"
+# `stopped` ships the sensor off (a deployment that launches only by hand, or a test driving ticks itself);
+# the state set in the UI always wins over this default.
+DEFAULT_STATUS_ENV = "HEIMDEX_STALE_SENSOR_DEFAULT"
 _ASSETS = {a.key.to_user_string(): a for a in DERIVED_ASSETS}
 
 
@@ -171,15 +188,29 @@ def _backfill_targets(backfill: object) -> list[tuple[dg.AssetKey, str]]:
     return [(p.asset_key, p.partition_key) for p in data.target_subset.iterate_asset_partitions()]
 
 
+def _default_status() -> dg.DefaultSensorStatus:
+    stopped = os.environ.get(DEFAULT_STATUS_ENV, "").strip().lower() == "stopped"
+    return dg.DefaultSensorStatus.STOPPED if stopped else dg.DefaultSensorStatus.RUNNING
+
+
+def launched_part(plan: ReprocessPlan, launches: Sequence[Launch]) -> ReprocessPlan:
+    """A copy of ``plan`` holding only the partitions that ``launches`` redo (this tick's share of it)."""
+    pairs = {(a, k) for lc in launches for a in lc.asset_keys for k in lc.partitions}
+    part = copy.deepcopy(plan)
+    for asset_key, asset in part.assets.items():
+        asset.partitions = [k for k in asset.partitions if (asset_key, k) in pairs]
+    return part
+
+
 @dg.sensor(
-    name="stale_partitions_sensor",
+    name=SENSOR_NAME,
     minimum_interval_seconds=300,
-    # Off until an operator turns it on: a spec bump re-embeds every partition, which spends model
-    # money (OpenAI tokens, GPU hours); the tick logs the OpenAI estimate before the backfills start.
-    default_status=dg.DefaultSensorStatus.STOPPED,
+    # On by default: the spend guard holds back any plan whose OpenAI estimate is over the day's ceiling.
+    default_status=_default_status(),
     asset_selection=dg.AssetSelection.assets(*DERIVED_ASSETS),
     description="Backfills the partitions the embedding spec makes stale or missing (not failed ones), "
-    "runs sized by scenes; never what a queued or running backfill or run covers.",
+    "runs sized by scenes; never what a queued or running backfill or run covers. A plan over the daily "
+    "OpenAI ceiling (HEIMDEX_AUTO_MAX_TOKENS_PER_DAY / _USD_PER_DAY) waits for `heimdex approve`.",
 )
 def stale_partitions_sensor(
     context: dg.SensorEvaluationContext,
@@ -190,24 +221,47 @@ def stale_partitions_sensor(
     search_index: SearchIndex,
 ) -> dg.SensorResult:
     """Backfills for every stale or missing registered partition not already in flight, one run's
-    worth each, 200 at most a tick."""
+    worth each, 200 at most a tick, when the spend guard lets the plan start."""
     resources = model_resources(text_embedder, clip, person_detector, search_index)
+    ceiling = SpendCeiling.from_env()
     with db.engine.connect() as conn:
-        plan = plan_reprocess(conn, ReprocessRequest(scope="all"), expected_models(conn, resources))
+        models = expected_models(conn, resources)
+        plan = plan_reprocess(conn, ReprocessRequest(scope="all"), models)
         if plan.empty:
             return dg.SensorResult(skip_reason=dg.SkipReason("every partition is fresh"))
         weights = {kind: partition_weights(conn, kind) for kind in PARTITIONINGS}
     ordered = {kind: context.instance.get_dynamic_partitions(p.name) for kind, p in PARTITIONINGS.items()}
     in_flight = in_flight_partitions(context.instance, ordered)
     launches, left = plan_launches(plan, ordered, in_flight, weights, scenes_per_run())
-    context.log.info(
-        f"{len(launches)} backfills over {sum(lc.stale for lc in launches)} stale partitions "
-        f"({sum(len(lc.partitions) for lc in launches)} with the fresh ones carried), "
-        f"{sum(lc.scenes for lc in launches)} scenes (whole plan: estimated OpenAI cost "
-        f"${plan.estimated_openai_cost_usd:.4f}); {left} partitions left for later ticks"
-    )
     if not launches:
         skip = "every stale partition is in a queued or running backfill or run, or not registered yet"
         return dg.SensorResult(skip_reason=dg.SkipReason(skip))
-    tags = launch_tags(plan, "stale_partitions_sensor")
+    with db.transaction() as conn:
+        lock_guard(conn)
+        # The guard judges the whole plan left to launch (this tick's backfills and later ticks'), not a slice.
+        estimate_openai(conn, plan, models)
+        verdict = judge(conn, ceiling, plan.estimated_openai_tokens, plan.estimated_openai_cost_usd)
+        if not verdict.allowed:
+            stored, new = record_plan(conn, plan, created_by=SENSOR_NAME, status="waiting", reason=verdict.reason)
+            message = (
+                f"plan {stored.id} ({stored.partitions} asset partitions, estimated {stored.estimated_tokens:,} "
+                f"tokens, ${stored.estimated_usd:.4f}) waits for approval: {verdict.reason}; "
+                f"launch it with `heimdex approve {stored.id}`"
+            )
+            if new:
+                context.log.warning(message)
+            return dg.SensorResult(skip_reason=dg.SkipReason(message))
+        launched = plan if not left else launched_part(plan, launches)
+        if left:
+            estimate_openai(conn, launched, models)
+        # What starts now replaces any plan still waiting: this is the stale set as it stands.
+        conn.execute(text("UPDATE reprocess_plans SET status = 'superseded' WHERE status = 'waiting'"))
+        record_plan(conn, launched, created_by=SENSOR_NAME, status="launched", reason=verdict.reason)
+    context.log.info(
+        f"{len(launches)} backfills over {sum(lc.stale for lc in launches)} stale partitions "
+        f"({sum(len(lc.partitions) for lc in launches)} with the fresh ones carried), "
+        f"{sum(lc.scenes for lc in launches)} scenes, estimated OpenAI cost {launched.estimated_openai_tokens:,} "
+        f"tokens, ${launched.estimated_openai_cost_usd:.4f} ({verdict.reason}); {left} partitions left for later ticks"
+    )
+    tags = launch_tags(plan, SENSOR_NAME)
     return dg.SensorResult(run_requests=[backfill_request(lc, tags) for lc in launches])

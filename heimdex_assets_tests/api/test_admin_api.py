@@ -211,13 +211,8 @@ def test_an_owner_scoped_admin_queues_backfills_of_its_owner_and_reads_their_pro
     videos_a = {str(rows.video(a, n_scenes=1)), str(rows.video(a, n_scenes=1))}
     rows.video(b, n_scenes=1)
     deployment.start_webserver()
-    client = TestClient(
-        create_app(
-            resources | {"search_index": SearchIndex(sqlite_path=str(tmp_path / "search.sqlite"))},
-            deployment.graphql_url,
-            SECRET,
-        )
-    )
+    resources = resources | {"search_index": SearchIndex(sqlite_path=str(tmp_path / "search.sqlite"))}
+    client = TestClient(create_app(resources, deployment.graphql_url, SECRET))
     headers = bearer(token(owner_id=a))
 
     response = client.post(URL, json={"scope": "owner", "owner_id": str(a), "force": True}, headers=headers)
@@ -269,6 +264,69 @@ def test_an_owner_scoped_admin_queues_backfills_of_its_owner_and_reads_their_pro
 
     response = client.get(f"{URL}/nonesuch", headers=headers)
     assert (response.status_code, response.json()["detail"]) == (404, "Dagster has no backfill nonesuch")
+
+    # The same work again while those backfills are queued: 409 naming them, and nothing launched twice...
+    launched_ids = sorted(body["backfill_ids"])
+    again = client.post(URL, json={"scope": "owner", "owner_id": str(a)}, headers=headers)
+    assert again.status_code == 409, again.text
+    assert again.json()["detail"]["backfill_ids"] == launched_ids
+    assert "still in progress: follow them, or repeat with force: true" in again.json()["detail"]["message"]
+    video = sorted(videos_a)[0]
+    one = client.post(URL, json={"scope": "video", "video_id": video}, headers=headers)
+    assert one.status_code == 409 and one.json()["detail"]["backfill_ids"] == sorted(
+        b["backfill_id"] for b in body["backfills"] if "scene_text_embeddings" in b["assets"]
+    )
+    assert len(instance.get_backfills()) == len(launched_ids)
+    # ...unless forced.
+    forced = client.post(URL, json={"scope": "video", "video_id": video, "force": True}, headers=headers)
+    assert forced.status_code == 200 and len(instance.get_backfills()) == len(launched_ids) + 1
+
+    # A plan the spend guard holds: approved by a global admin through the API, exactly its partitions.
+    from heimdex_assets.models import expected_models
+    from heimdex_assets.reprocess import ReprocessRequest, plan_reprocess
+    from heimdex_assets.spend_guard import record_plan
+
+    b_video = str(rows.video(b, n_scenes=1))
+    with db.transaction() as conn:
+        plan = plan_reprocess(conn, ReprocessRequest("video", uuid.UUID(b_video)), expected_models(conn, resources))
+        stored, _ = record_plan(conn, plan, created_by="stale_partitions_sensor", status="waiting", reason="over")
+    plans_url = "/v1/admin/reprocess-plans"
+    assert client.get(plans_url, headers=headers).status_code == 403  # plans span owners: global admins only
+    listed = client.get(plans_url, headers=bearer(token())).json()
+    assert listed["waiting"]["plan_id"] == str(stored.id) and listed["waiting"]["partitions"] == 4
+    assert client.post(f"{plans_url}/{stored.id}/approve", headers=headers).status_code == 403
+    approved = client.post(f"{plans_url}/{stored.id}/approve", headers=bearer(token()))
+    assert approved.status_code == 200, approved.text
+    assert (approved.json()["status"], approved.json()["approved_by"]) == ("launched", "admin api: ops@example.com")
+    (backfill_id,) = approved.json()["backfill_ids"]
+    targets = instance.get_backfill(backfill_id).asset_backfill_data.target_subset.iterate_asset_partitions()
+    assert {(t.asset_key.to_user_string(), t.partition_key) for t in targets} == {
+        (k, b_video) for k, a in plan.assets.items() if a.partitions
+    }
+    twice = client.post(f"{plans_url}/{stored.id}/approve", headers=bearer(token()))
+    assert twice.status_code == 409 and "only a waiting plan can be approved" in twice.json()["detail"]
+    unknown = client.post(f"{plans_url}/{uuid.uuid4()}/approve", headers=bearer(token()))
+    assert unknown.status_code == 404 and unknown.json()["detail"].startswith("no reprocess plan ")
+
+
+def test_a_reprocess_above_the_spend_ceiling_needs_confirm_spend(api_resources, unreachable_url, rows, monkeypatch):
+    from heimdex_assets.resources import TextEmbedder
+
+    owner = rows.owner()
+    rows.video(owner, n_scenes=2)
+    embedder = TextEmbedder(provider="openai", openai_api_key="sk-test", openai_base_url=unreachable_url)
+    client = TestClient(create_app(api_resources | {"text_embedder": embedder}, unreachable_url, SECRET))
+    monkeypatch.setenv("HEIMDEX_AUTO_MAX_TOKENS_PER_DAY", "10")
+    request = {"scope": "owner", "owner_id": str(owner)}
+
+    refused = client.post(URL, json=request, headers=bearer(token()))
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert detail["estimated_openai_tokens"] > 10
+    assert detail["message"].endswith("above the ceiling of 10 tokens / $1.00: repeat with confirm_spend: true")
+    # Confirmed, it goes on to the webserver (unreachable here: the documented 503).
+    confirmed = client.post(URL, json=request | {"confirm_spend": True}, headers=bearer(token()))
+    assert confirmed.status_code == 503
 
 
 def test_generations_are_shown_flipped_and_rolled_back_by_a_global_admin_only(client, db, rows, resources, instance):

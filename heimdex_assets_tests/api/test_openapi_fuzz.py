@@ -65,5 +65,5 @@ def test_the_openapi_documents_bearer_auth_on_every_operation(api):
     spec = TestClient(api).get("/openapi.json").json()
     assert spec["components"]["securitySchemes"] == {"HTTPBearer": {"type": "http", "scheme": "bearer"}}
     operations = [op for path in spec["paths"].values() for op in path.values()]
-    assert len(operations) == 5
+    assert len(operations) == 7  # search, reprocess (+ progress), plans (+ approve), spec, generations
     assert all(op["security"] == [{"HTTPBearer": []}] for op in operations)
