@@ -682,6 +682,37 @@ def _print_prune(result: dict) -> None:
     print(result["message"])
 
 
+def clip_server_command(args: argparse.Namespace) -> dict:
+    """``heimdex clip-server``: serve the configured CLIP model over HTTP until interrupted (Ctrl+C)."""
+    import os
+
+    from heimdex_assets.resources.clip_server import TOKEN_ENV, ClipServer, is_loopback
+    from heimdex_assets.settings import clip_from_env
+
+    configured = clip_from_env()
+    # The server embeds with the local model: a HEIMDEX_CLIP_URL in its environment names itself, not a model.
+    local = {name: getattr(configured, name) for name in type(configured).model_fields}
+    clip = type(configured)(**(local | {"remote_url": None, "remote_token": None}))
+    token = os.environ.get(TOKEN_ENV, "").strip() or None
+    if args.max_body_mb <= 0:
+        raise CliError("--max-body-mb must be more than 0")
+    try:
+        server = ClipServer(clip, args.host, args.port, token=token, max_body_bytes=int(args.max_body_mb * 2**20))
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or type(exc).__name__}") from None
+    auth = f"bearer token from {TOKEN_ENV}" if token else f"no token (set {TOKEN_ENV} to require one)"
+    print(f"heimdex clip-server: {clip.model_id} on {clip.device_kind} at {server.url}, {auth}", flush=True)
+    if token is None and not is_loopback(args.host):
+        print(f"heimdex clip-server: warning: {args.host} is not loopback and no token is required", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return {"url": server.url, "model_id": clip.model_id, "message": "heimdex clip-server: stopped"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heimdex", description="Heimdex Assets: embeddings kept in step with the spec."
@@ -771,6 +802,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=search, printer=_print_search)
+
+    p = sub.add_parser("clip-server", help="serve the configured CLIP model over HTTP (for HEIMDEX_CLIP_URL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
+    p.set_defaults(handler=clip_server_command, printer=lambda r: print(r["message"]), json=False)
     return parser
 
 

@@ -77,16 +77,21 @@ def text_embedder_from_env(deferred: bool = True) -> TextEmbedder:
 
 def clip_from_env() -> ClipEmbedder:
     """``HEIMDEX_CLIP_MODEL``/``_PRETRAINED``/``_CHECKPOINT``/``_DEVICE``. ``HEIMDEX_CLIP_MODEL=tiny-random``
-    asks for placeholder weights; there is no fallback to them (a leftover ``HEIMDEX_CLIP_FALLBACK`` is ignored)."""
+    asks for placeholder weights; there is no fallback to them (a leftover ``HEIMDEX_CLIP_FALLBACK`` is ignored).
+    ``HEIMDEX_CLIP_URL``: embed on that ``heimdex clip-server`` instead, with ``HEIMDEX_CLIP_SERVER_TOKEN``."""
     return ClipEmbedder(
         model_name=_env("HEIMDEX_CLIP_MODEL") or "ViT-B-32",
         pretrained=_env("HEIMDEX_CLIP_PRETRAINED") or "openai",
         checkpoint_path=_env("HEIMDEX_CLIP_CHECKPOINT"),
         device=_env("HEIMDEX_CLIP_DEVICE") or "auto",
+        remote_url=_env("HEIMDEX_CLIP_URL"),
+        # Always the variable, never its value: Dagster keeps an EnvVar's name in run config and snapshots,
+        # and the embedder reads the value when it calls the server.
+        remote_token=dg.EnvVar("HEIMDEX_CLIP_SERVER_TOKEN") if _env("HEIMDEX_CLIP_SERVER_TOKEN") else None,
     )
 
 
-CLIP_SETTINGS = ("HEIMDEX_CLIP_MODEL", "HEIMDEX_CLIP_PRETRAINED", "HEIMDEX_CLIP_CHECKPOINT")
+CLIP_SETTINGS = ("HEIMDEX_CLIP_MODEL", "HEIMDEX_CLIP_PRETRAINED", "HEIMDEX_CLIP_CHECKPOINT", "HEIMDEX_CLIP_URL")
 
 
 def follow_recorded_placeholder(resources: dict[str, dg.ConfigurableResource]) -> dict[str, dg.ConfigurableResource]:

@@ -280,6 +280,10 @@ class ClipEmbedder(dg.ConfigurableResource):
     asks for a small seeded random CLIP (placeholder vectors, model id ``open_clip:tiny-random``, so
     they never pass for real ones); it ignores ``pretrained`` and ``checkpoint_path``. Configured
     weights that cannot be loaded raise ``ClipWeightsUnavailableError``: there is no silent fallback.
+
+    ``remote_url`` (a ``heimdex clip-server``): every vector is computed there, with the server's model and
+    under its model id; the local model settings are then unused and nothing loads here. Failures raise
+    ``ClipServerUnavailableError`` (a ``ClipWeightsUnavailableError``), one line naming the server.
     """
 
     model_name: str = "ViT-B-32"
@@ -288,8 +292,25 @@ class ClipEmbedder(dg.ConfigurableResource):
     device: str = "auto"
     images_per_batch: int | None = None  # None: from the device (``DEVICE_DEFAULTS``)
     decode_workers: int | None = None  # threads reading and decoding images ahead; None: from the device
+    remote_url: str | None = None  # a `heimdex clip-server`, e.g. http://gpu-host:8765
+    remote_token: str | None = None  # its bearer token; a dg.EnvVar keeps it out of run config and snapshots
+    remote_timeout_s: float = 120.0  # per request: a batch on a busy CPU server takes a while
+    remote_retries: int = 3  # further attempts after a connection failure or a 503, backing off 0.5, 1, 2 s
 
     _clip: LoadedClip | None = PrivateAttr(default=None)
+    _remote: Any = PrivateAttr(default=None)
+
+    def _server(self) -> Any:
+        """The ``RemoteClip`` of ``remote_url``, made once per resource instance (it pins the model id)."""
+        if self._remote is None:
+            from heimdex_assets.resources.clip_server import RemoteClip
+
+            token = self.remote_token
+            if isinstance(token, dg.EnvVar):  # outside a run Dagster has not resolved it
+                token = token.get_value()
+            token = (token or "").strip() or None
+            self._remote = RemoteClip(self.remote_url, token, self.remote_timeout_s, self.remote_retries)
+        return self._remote
 
     def _loaded(self) -> LoadedClip:
         expected = self.model_id
@@ -311,41 +332,61 @@ class ClipEmbedder(dg.ConfigurableResource):
     def ensure_loaded(self) -> None:
         """Load the model now (once per process), so a missing model fails up front.
 
-        Raises ``ClipWeightsUnavailableError`` with a one-line message saying what to configure.
+        Raises ``ClipWeightsUnavailableError`` with a one-line message saying what to configure. Remote: asks
+        the server for its model (so an unreachable server fails up front too).
         """
+        if self.remote_url:
+            self._server().model()
+            return
         self._loaded()
 
     @property
     def model_id(self) -> str:
         """The id stored with every vector this model makes, from configuration alone: no torch,
-        no weights (a checkpoint file is hashed, once per process and file version)."""
+        no weights (a checkpoint file is hashed, once per process and file version). Remote: the server's,
+        asked once per resource instance."""
+        if self.remote_url:
+            return self._server().model().model_id
         return clip_model_id(self.model_name, self.pretrained, self.checkpoint_path)
 
     @property
     def dimension(self) -> int:
+        """Length of every vector."""
+        if self.remote_url:
+            return self._server().model().dimension
         return self._loaded().dimension
 
     @property
     def device_kind(self) -> str:
-        """``cuda`` or ``cpu``: where the model runs (``auto`` picks CUDA when torch sees a GPU)."""
+        """``cuda`` or ``cpu``: where the model runs (``auto`` picks CUDA when torch sees a GPU; remote: the
+        server's device)."""
+        if self.remote_url:
+            return "cuda" if self._server().model().device.startswith("cuda") else "cpu"
         if self._clip is not None:
             return "cuda" if str(self._clip.device).startswith("cuda") else "cpu"
         return "cuda" if _pick_device(self.device).startswith("cuda") else "cpu"
 
     @property
     def batch_size(self) -> int:
-        """Images per model batch: ``images_per_batch``, else the device's default (CPU 32, CUDA 256)."""
+        """Images per model batch: ``images_per_batch``, else the device's default (CPU 32, CUDA 256; remote:
+        the server's batch, so each request fills one)."""
+        if self.remote_url and not self.images_per_batch:
+            return self._server().model().batch_size
         return self.images_per_batch or DEVICE_DEFAULTS[self.device_kind]["batch_size"]
 
     @property
     def workers(self) -> int:
         """Threads that read and decode images ahead of the model: ``decode_workers``, else the device's
-        default (CPU 4, CUDA 8)."""
+        default (CPU 4, CUDA 8; remote: CPU's, as decoding stays here)."""
+        if self.remote_url:
+            return self.decode_workers or DEVICE_DEFAULTS["cpu"]["decode_workers"]
         return self.decode_workers or DEVICE_DEFAULTS[self.device_kind]["decode_workers"]
 
     @property
     def input_size(self) -> tuple[int, int] | None:
         """The (width, height) the model's preprocessing resizes to, when known: decoders may stop at twice that."""
+        if self.remote_url:
+            return self._server().model().input_size
         fast = self._loaded().fast
         return (fast.size, fast.size) if fast is not None else None
 
@@ -353,7 +394,9 @@ class ClipEmbedder(dg.ConfigurableResource):
     def is_placeholder(self) -> bool:
         """True for random weights (``tiny-random``, the ``heimdex-tiny`` test architecture, no
         pretrained weights): fine for image-to-image plumbing, meaningless for text-to-image ranking.
-        From configuration alone."""
+        From configuration alone (remote: the server's configuration)."""
+        if self.remote_url:
+            return self._server().model().placeholder
         if self.model_name in (TINY_RANDOM_MODEL, TINY_MODEL):
             return True
         return not self.checkpoint_path and not self.pretrained
@@ -361,7 +404,12 @@ class ClipEmbedder(dg.ConfigurableResource):
     def preprocess(self, image: Image.Image) -> Any:
         """The model's input for one image, for ``embed_tensors`` (CPU; safe to call from worker threads):
         a uint8 (H, W, 3) tensor resized and cropped, normalised later per batch (open_clip's normalised
-        float (3, H, W) tensor when its transform is not the usual one)."""
+        float (3, H, W) tensor when its transform is not the usual one). Remote: the image as PNG (lossless:
+        the server preprocesses the very pixels decoded here)."""
+        if self.remote_url:
+            from heimdex_assets.resources.clip_server import encode_image
+
+            return encode_image(image)
         return self._loaded().preprocess(image if image.mode == "RGB" else image.convert("RGB"))
 
     def _model_input(self, clip: LoadedClip, tensors: list[Any]) -> Any:
@@ -377,7 +425,10 @@ class ClipEmbedder(dg.ConfigurableResource):
 
     def embed_tensors(self, tensors: list[Any]) -> np.ndarray:
         """Unit vectors for preprocessed images, in batches of ``batch_size``. On CUDA the model runs under
-        fp16 autocast (vectors within about 1e-3 of fp32); on CPU in fp32."""
+        fp16 autocast (vectors within about 1e-3 of fp32); on CPU in fp32. Remote: ``preprocess``'s PNGs
+        (or PIL images), embedded by the server."""
+        if self.remote_url:
+            return self._embed_remote(tensors)
         import torch
 
         clip = self._loaded()
@@ -392,10 +443,14 @@ class ClipEmbedder(dg.ConfigurableResource):
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """Unit CLIP vectors of ``images``, one row per image."""
+        if self.remote_url:
+            return self._embed_remote(images)
         return self.embed_tensors([self.preprocess(img) for img in images])
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Unit CLIP text vectors (for text-to-image search)."""
+        if self.remote_url:
+            return self._server().embed_texts(texts)
         import torch
 
         clip = self._loaded()
@@ -404,3 +459,15 @@ class ClipEmbedder(dg.ConfigurableResource):
             tokens = clip.tokenizer(texts).to(clip.device)
             feats = clip.model.encode_text(tokens).float()
             return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
+
+    def _embed_remote(self, images: list[Any]) -> np.ndarray:
+        from heimdex_assets.resources.clip_server import encode_image
+
+        files = []
+        for index, image in enumerate(images):
+            if isinstance(image, Image.Image):
+                image = encode_image(image)
+            if not isinstance(image, bytes):
+                raise TypeError(f"image {index}: a remote CLIP takes PIL images or preprocess()'s bytes")
+            files.append(image)
+        return self._server().embed_images(files)
