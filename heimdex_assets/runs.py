@@ -30,6 +30,7 @@ from heimdex_assets.generations import AutoActivation, Generation, activate_if_c
 from heimdex_assets.models import ModelMismatchError, deployment_models, require_model
 from heimdex_assets.partitions import InvalidIdError, parse_partition_key
 from heimdex_assets.resources import AppDatabase
+from heimdex_assets.resources.text_embedder import EmbeddingProviderError
 from heimdex_assets.steps import Item, Step
 
 # Run tags understood by the assets; launchers (sensor, CLI, API) set them.
@@ -102,7 +103,10 @@ def raise_for_rejected(rejected: dict[str, str]) -> None:
     """A dg.Failure listing every rejected partition key with its reason (nothing when none)."""
     if rejected:
         listed = "; ".join(f"{k}: {why}" for k, why in sorted(rejected.items()))
-        raise dg.Failure(description=f"{len(rejected)} partition(s) could not be processed: {listed}")
+        # Not for a step retry (RetryPolicy): a bad, foreign or deleted key fails alike; the others are written.
+        raise dg.Failure(
+            description=f"{len(rejected)} partition(s) could not be processed: {listed}", allow_retries=False
+        )
 
 
 @dataclass
@@ -199,8 +203,8 @@ def run_step(
     try:  # before any work: a worker of another model than the deployment's does nothing
         with db.transaction() as conn:
             require_model(conn, step.name, model_id, worker)
-    except ModelMismatchError as exc:
-        raise dg.Failure(description=str(exc)) from None
+    except ModelMismatchError as exc:  # a worker of another model fails alike on a step retry
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
     read = db.engine.connect().execution_options(isolation_level="REPEATABLE READ")
     with read, read.begin():
         # The snapshot every read below sees, kept in the ledger (the first statement fixes it).
@@ -223,7 +227,10 @@ def run_step(
     result.items, result.computed = len(items), len(todo)
     result.waiting = sum(1 for i in items if waiting.get(i.item_id) == i.input_sha256 and done.get(i.item_id) is None)
     result.unchanged = len(items) - len(todo) - result.waiting
-    outputs = compute(Batch(items, todo, parts.ids, force))  # also with nothing to do: strays may go
+    try:
+        outputs = compute(Batch(items, todo, parts.ids, force))  # also with nothing to do: strays may go
+    except EmbeddingProviderError as exc:  # no key, 401/403/404: a misconfigured provider fails alike on a retry
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     for i in todo:
         out = outputs.setdefault(i.item_id, ItemOutput(error="not computed"))
         if out.error is not None:
@@ -245,7 +252,7 @@ def run_step(
                     part_outputs = {i.item_id: outputs[i.item_id] for i in by_partition[pid] if i.item_id in outputs}
                     write_partition(conn, pid, by_partition[pid], part_outputs, result.failures)
         except ModelMismatchError as exc:
-            raise dg.Failure(description=str(exc)) from None
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
         except Exception as exc:  # one partition that cannot be written does not sink the others
             parts.rejected[str(pid)] = f"not written: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     for item_id, reason in result.failures.items():

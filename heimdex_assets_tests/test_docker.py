@@ -5,11 +5,14 @@ reprocess whose runs each get a container of Dagster's Docker run launcher) take
 the first time, so it runs only with ``HEIMDEX_DOCKER_SMOKE=1`` and a Docker engine that answers.
 """
 
+import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema_rs  # with schemathesis (dev extra)
 import pytest
 import yaml
 from dagster._core.instance.config import dagster_instance_config
@@ -89,3 +92,71 @@ def test_docker_smoke():
     done = subprocess.run([str(ROOT / "scripts" / "docker-smoke.sh")], capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "OK: every run of the reprocess ran in a container of its own" in done.stdout
+
+
+HELM = ROOT / "deploy" / "helm"
+K8S_DEFINITIONS = "https://kubernetesjsonschema.dev/"
+
+
+def _refs(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def _without_required(node: object) -> object:
+    """The schema less its `required` lists: Helm checks user values merged over the chart's defaults, which
+    supply those (a values file sets only what it changes)."""
+    if isinstance(node, dict):
+        return {k: _without_required(v) for k, v in node.items() if k != "required"}
+    if isinstance(node, list):
+        return [_without_required(v) for v in node]
+    return node
+
+
+def test_helm_values_fit_the_chart_schema_with_the_k8s_launcher_and_the_docker_limits():
+    """deploy/helm/values.yaml against the Dagster chart's values.schema.json, vendored from dagster-io/dagster
+    (helm/dagster/values.schema.json at commit bdb8547f, the newest the search index holds: it predates the chart's
+    `concurrency` values and typed `runRetries`, checked here against docker/dagster.yaml instead)."""
+    values = yaml.safe_load((HELM / "values.yaml").read_text())
+    schema = json.loads((HELM / "dagster-chart-schema" / "values.schema.json").read_text())
+    # The Kubernetes object schemas it points at are not vendored: accept-anything stand-ins at each pointer.
+    stand_in: dict = {}
+    for ref in _refs(schema):
+        if ref.startswith(K8S_DEFINITIONS):
+            node = stand_in
+            for part in ref.split("#/", 1)[1].split("/"):
+                node = node.setdefault(part, {})
+    validator = jsonschema_rs.Draft7Validator(_without_required(schema), retriever=lambda uri: stand_in)
+    errors = [f"{'/'.join(map(str, e.instance_path))}: {e.message}" for e in validator.iter_errors(values)]
+    assert errors == []
+
+    docker = _yaml("dagster.yaml")
+    daemon = values["dagsterDaemon"]
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert daemon["runCoordinator"]["type"] == docker["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    # The run limit is under `concurrency` only: the chart refuses it in both places.
+    assert "maxConcurrentRuns" not in daemon["runCoordinator"]["config"]["queuedRunCoordinator"]
+    assert values["concurrency"] == {
+        "enabled": True,
+        "runs": {"maxConcurrentRuns": docker["concurrency"]["runs"]["max_concurrent_runs"]},
+        "pools": {
+            "granularity": docker["concurrency"]["pools"]["granularity"],
+            "defaultLimit": docker["concurrency"]["pools"]["default_limit"],
+        },
+    }
+
+    def camel(snake: str) -> str:
+        first, *rest = snake.split("_")
+        return first + "".join(word.title() for word in rest)
+
+    assert daemon["runRetries"] == {camel(k): v for k, v in docker["run_retries"].items()}
+    # maxResumeRunAttempts 0 is Dagster's default, which Docker's file leaves as it is: no resume, a retry instead.
+    assert daemon["runMonitoring"] == {camel(k): v for k, v in docker["run_monitoring"].items()} | {
+        "maxResumeRunAttempts": 0
+    }

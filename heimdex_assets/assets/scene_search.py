@@ -37,6 +37,8 @@ def align_alias(db: AppDatabase, search_index: SearchIndex) -> tuple[Generation 
     code_version=STEP.version,
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"opensearch", "postgres"},
+    # The client retries transient errors; this covers OpenSearch down for longer (a restart): retries at ~10 s, ~30 s
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS),
     group_name="search",
     deps=["scenes"],
     description=STEP.spec.description,

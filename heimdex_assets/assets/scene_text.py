@@ -17,6 +17,8 @@ from heimdex_assets.text_cache import embed_texts_cached
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
     kinds={"openai", "postgres"},
     pool="openai",  # one embeddings caller per API key across runs: the key's token rate is the limit
+    # The client retries transient errors; this covers OpenAI down for longer (an outage): retries at ~10 s, ~30 s
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS),
     group_name="scene_embeddings",
     deps=["scenes"],
     description=STEP.spec.description,
