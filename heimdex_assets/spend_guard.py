@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, func, select, text, update
+from sqlalchemy import Connection, Engine, Row, func, select, text, update
 
 from heimdex_assets.db.tables import reprocess_plans
 from heimdex_assets.reprocess import AssetPlan, ReprocessPlan, ReprocessRequest
@@ -249,7 +249,7 @@ def rebuild(stored: StoredPlan, models: dict[str, str]) -> ReprocessPlan:
 
 
 def approve(
-    engine: object,
+    engine: Engine,
     plan_id: uuid.UUID,
     approved_by: str,
     models: dict[str, str],
@@ -287,6 +287,6 @@ def approve(
         return get_plan(conn, plan_id)
 
 
-def _stored(row: object) -> StoredPlan:
+def _stored(row: Row) -> StoredPlan:
     m = row._mapping
     return StoredPlan(**{name: m[name] for name in StoredPlan.__dataclass_fields__})
