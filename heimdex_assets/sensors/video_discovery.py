@@ -45,7 +45,8 @@ def video_discovery_sensor(
     with db.transaction() as conn:
         to_add, to_delete = plan_video_partitions(conn, existing)
         if to_delete:
-            # Vectors went with their scenes (foreign keys); failures, ledger and stamps have none.
+            # Vectors and video failures went with their video (foreign keys, migration 0008); the ledger, stamps
+            # and failures recorded without a video id have none.
             gone = ids_of(to_delete)
             conn.execute(delete(embedding_failures).where(embedding_failures.c.partition_id.in_(gone)))
             conn.execute(delete(partition_ledger).where(partition_ledger.c.partition_id.in_(gone)))
