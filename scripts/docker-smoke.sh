@@ -6,7 +6,11 @@
 # forced reprocess of everything through the webserver, check that every run of its backfills ran
 # in a container of its own and succeeded, check vectors and search, tear everything down.
 #
-#   scripts/docker-smoke.sh [--keep-images] [--keep-stack]
+#   scripts/docker-smoke.sh [--keep-images] [--keep-stack] [--kill-one]
+#
+# --kill-one: `docker kill` the first run container a few seconds after it starts; run monitoring sees
+# the dead worker, run_retries relaunches the run in a new container, and the verdict requires that retry
+# to succeed and every asset to end fresh.
 #
 # Needs a running Docker engine and `docker compose` or `docker-compose`. Where no registry is
 # reachable (no debian:bookworm-slim to pull) the base image is made with debootstrap (root).
@@ -14,12 +18,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KEEP_IMAGES=0 KEEP_STACK=0
+KEEP_IMAGES=0 KEEP_STACK=0 KILL_ONE=0
 for arg in "$@"; do
   case "$arg" in
     --keep-images) KEEP_IMAGES=1 ;;
     --keep-stack) KEEP_STACK=1 KEEP_IMAGES=1 ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    --kill-one) KILL_ONE=1 ;;
+    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "docker-smoke: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -33,6 +38,7 @@ export COMPOSE_PROJECT_NAME=heimdex-smoke
 BASE_IMAGE="${HEIMDEX_BASE_IMAGE:-heimdex-base:bookworm}"
 IMAGE=heimdex-assets:latest
 LOG_DIR="${HEIMDEX_SMOKE_LOGS:-$(mktemp -d /tmp/heimdex-smoke.XXXXXX)}"
+mkdir -p "$LOG_DIR"
 STARTED=$SECONDS
 
 say() { printf 'docker-smoke: %s\n' "$*" >&2; }
@@ -157,6 +163,29 @@ curl -fsS -X POST "$api/v1/admin/reprocess-embeddings" -H "Authorization: Bearer
 backfills=$(python3 -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["backfill_ids"]))' "$LOG_DIR/reprocess.json")
 [[ -n "$backfills" ]] || die "no backfill launched: $(cat "$LOG_DIR/reprocess.json")"
 say "backfills: $backfills; waiting for every run"
+if [[ $KILL_ONE == 1 ]]; then  # kill the first container of a run of these backfills once it is under way
+  (
+    deadline=$((SECONDS + 600)) seen=" "
+    while ((SECONDS < deadline)); do
+      while read -r action c run _; do
+        [[ $action == start && $seen != *" $c "* ]] || continue
+        seen+="$c "
+        # Sensors launch runs too (freshness checks, stale partitions): only a run of the reprocess counts.
+        backfill=$(cli python -c 'import sys, dagster as dg
+r = dg.DagsterInstance.get().get_run_by_id(sys.argv[1])
+print(r.tags.get("dagster/backfill", "") if r else "")' "$run" </dev/null 2>/dev/null)
+        if [[ -n "$backfill" && " $backfills " == *" $backfill "* ]]; then
+          sleep 4
+          docker kill "$c" >/dev/null 2>&1 && echo "$c" >"$LOG_DIR/killed" \
+            && say "killed run container ${c:0:12} (run ${run:0:8} of backfill $backfill)"
+          exit 0
+        fi
+      done <"$LOG_DIR/run-containers.events"
+      sleep 1
+    done
+    say "--kill-one: no run container of the backfills started within 600 s"
+  ) &
+fi
 # The verdict comes from Dagster's run storage: each backfill's runs, their status and the container
 # the Docker run launcher recorded on each (tag docker/container_id).
 cli python - "$backfills" >"$LOG_DIR/runs.json" 2>"$LOG_DIR/runs.log" <<'PY' || { tail -20 "$LOG_DIR/runs.log" >&2; die "the backfills did not finish"; }
@@ -170,7 +199,14 @@ deadline = time.monotonic() + 900
 while True:
     backfills = [instance.get_backfill(b) for b in backfill_ids]
     runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_ids}))
-    done = all(b.status != BulkActionStatus.REQUESTED for b in backfills) and all(r.is_finished for r in runs)
+    retried = {r.tags.get("dagster/parent_run_id") for r in runs}
+    # A run whose worker died is retried by the daemon (run_retries): wait for its retry too.
+    waiting_retry = [r for r in runs if r.status == dg.DagsterRunStatus.FAILURE and r.run_id not in retried]
+    done = (
+        all(b.status != BulkActionStatus.REQUESTED for b in backfills)
+        and all(r.is_finished for r in runs)
+        and not waiting_retry
+    )
     if done or time.monotonic() > deadline:
         break
     time.sleep(3)
@@ -180,7 +216,8 @@ def row(r):
     return {"run_id": r.run_id, "status": r.status.value, "job": r.job_name,
             "backfill": r.tags.get("dagster/backfill"), "sensor": r.tags.get("dagster/sensor_name"),
             "container": r.tags.get("docker/container_id"), "image": r.tags.get("dagster/image"),
-            "partition": r.tags.get("dagster/partition", r.tags.get("dagster/asset_partition_range_start"))}
+            "partition": r.tags.get("dagster/partition", r.tags.get("dagster/asset_partition_range_start")),
+            "parent": r.tags.get("dagster/parent_run_id"), "retry": r.tags.get("dagster/retry_number")}
 
 
 backfill_run_ids = {r.run_id for r in runs}
@@ -199,26 +236,38 @@ cli heimdex search --owner-id "$owner" "boats at the harbor" --mode hybrid --jso
 smoke_s=$(elapsed $t0)
 
 # --- verdict ------------------------------------------------------------------------------------
-python3 - "$LOG_DIR" "$base_s" "$build_s" "$stack_s" "$smoke_s" "$((SECONDS - STARTED))" <<'PY'
+python3 - "$LOG_DIR" "$base_s" "$build_s" "$stack_s" "$smoke_s" "$((SECONDS - STARTED))" $([[ $KILL_ONE == 1 ]] && echo --kill-one) <<'PY'
 import json, sys
 from pathlib import Path
 
-logs, base_s, build_s, stack_s, smoke_s, total_s = sys.argv[1:]
+logs, base_s, build_s, stack_s, smoke_s, total_s = sys.argv[1:7]
 read = lambda name: json.loads(Path(logs, name).read_text() or "null")
 runs, demo, status, search = read("runs.json"), read("demo.json"), read("status.json"), read("search.json")
 events = [line.split() for line in Path(logs, "run-containers.events").read_text().splitlines()]
 started = {e[1] for e in events if e[0] == "start"}
 exits = {e[1]: (e[3] if len(e) > 3 else "?") for e in events if e[0] == "die"}
 problems = []
+killed_file = Path(logs, "killed")
+killed = killed_file.read_text().strip() if killed_file.exists() else None
 
 print("backfill runs (reprocess --scope all --force through the admin API):")
 for r in runs["runs"]:
     c = r["container"] or ""
+    retry = f"  retry {r['retry']} of {r['parent'][:8]}" if r["parent"] else ""
     print(f"  {r['run_id'][:8]}  backfill {r['backfill']}  partition {str(r['partition'])[:8]}  {r['status']:<8}"
-          f"  container {c[:12] or '-'}  exit {exits.get(c, '-')}  image {r['image']}")
-    if r["status"] != "SUCCESS" or c not in started or exits.get(c) != "0":
+          f"  container {c[:12] or '-'}  exit {exits.get(c, '-')}  image {r['image']}{retry}")
+    if killed and killed.startswith(c or "-"):  # killed on purpose: failed, retried to success in a new container
+        children = [x for x in runs["runs"] if x["parent"] == r["run_id"]]
+        ok = r["status"] == "FAILURE" and any(x["status"] == "SUCCESS" and x["container"] != c for x in children)
+        print(f"    killed on purpose (exit {exits.get(c)}): {r['status']}, retried as "
+              f"{', '.join(x['run_id'][:8] + ' ' + x['status'] for x in children) or 'nothing'}")
+        if not ok:
+            problems.append(f"killed run {r['run_id'][:8]} was not retried to success")
+    elif r["status"] != "SUCCESS" or c not in started or exits.get(c) != "0":
         problems.append(f"run {r['run_id'][:8]}: {r['status']}, container {c[:12] or 'none'}, exit {exits.get(c)}")
 containers = [r["container"] for r in runs["runs"]]
+if "--kill-one" in sys.argv and not any(killed and killed.startswith(r["container"] or "-") for r in runs["runs"]):
+    problems.append("--kill-one: no container of the reprocess's runs was killed")
 if not containers:
     problems.append("the reprocess launched no run")
 if len(set(containers)) != len(containers):
@@ -249,5 +298,6 @@ print(f"times: base image {base_s}s, project image {build_s}s, stack start {stac
 if problems:
     print("FAILED: " + "; ".join(problems))
     sys.exit(1)
-print("OK: every run of the reprocess ran in a container of its own (DockerRunLauncher) and succeeded")
+print("OK: every run of the reprocess ran in a container of its own (DockerRunLauncher) and succeeded"
+      + (", the killed one through its retry" if killed else ""))
 PY
