@@ -32,6 +32,7 @@ from heimdex_assets.resources import (
     SearchIndex,
     TextEmbedder,
 )
+from heimdex_assets_tests.fake_openai import FakeOpenAI
 
 # The real node started by scripts/test.sh (scripts/opensearch.sh); unreachable means failing tests.
 OPENSEARCH_URL = os.environ.get("HEIMDEX_TEST_OPENSEARCH_URL") or "http://127.0.0.1:9250"
@@ -253,3 +254,11 @@ def tick_sensor(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, resou
             for key in request.partition_keys:
                 instance.delete_dynamic_partition(request.partitions_def_name, key)
     return result
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """The local stand-in for the paid OpenAI API (the only one in the suite), reached through the real client."""
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()

@@ -12,16 +12,8 @@ from heimdex_assets.freshness import partition_states
 from heimdex_assets.resources import TextEmbedder
 from heimdex_assets.steps import SCENE_TEXT
 from heimdex_assets_tests.conftest import materialize_videos
-from heimdex_assets_tests.fake_openai import FakeOpenAI
 
 OPENAI_MODEL = "text-embedding-3-small"
-
-
-@pytest.fixture
-def fake_openai():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 def rows_of(db, table, column, video: str) -> int:

@@ -32,13 +32,6 @@ QUERIES = ("the tide turns at the harbour", "boats at dawn", "the narrator expla
 OPENAI_MODEL = "text-embedding-3-small"
 
 
-@pytest.fixture
-def fake_openai():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
-
-
 NOUNS = """
 anchor lantern glacier orchard violin falcon canyon meadow harbour lighthouse volcano desert
 compass saddle tractor bakery cathedral monastery vineyard ferry quarry bicycle carnival telescope

@@ -11,12 +11,10 @@ from collections.abc import Iterator
 from contextlib import closing, suppress
 from pathlib import Path
 
-import pytest
 from sqlalchemy.engine import make_url
 
 from heimdex_assets.cli import main
 from heimdex_assets.resources.clip_embedder import TINY_MODEL
-from heimdex_assets_tests.fake_openai import FakeOpenAI
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -48,13 +46,6 @@ def files_holding(root: Path, secrets: list[str]) -> list[str]:
         for secret in secrets
         if any(secret.encode() in chunk for chunk in stored_bytes(path))
     ]
-
-
-@pytest.fixture
-def fake_openai() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 def test_demo_and_a_sync_reprocess_write_no_secret_under_dagster_home_or_in_any_log(

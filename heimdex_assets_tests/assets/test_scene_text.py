@@ -21,7 +21,7 @@ from heimdex_assets.runs import FORCE_TAG, OWNER_SCOPE_TAG, RETRY_FAILED_TAG
 from heimdex_assets.spec import SPEC
 from heimdex_assets.steps import SCENE_TEXT
 from heimdex_assets_tests.conftest import materialize_videos
-from heimdex_assets_tests.fake_openai import INVALID_INPUT_MESSAGE, FakeOpenAI
+from heimdex_assets_tests.fake_openai import INVALID_INPUT_MESSAGE
 
 VERSION = SPEC.step("scene_text").version
 
@@ -243,13 +243,6 @@ def test_bad_partition_keys_fail_with_a_clear_message(db, resources, instance, k
 
 API_KEY = "sk-test-NEVER-LOG-THIS-0123456789"
 OPENAI_MODEL = "text-embedding-3-small"
-
-
-@pytest.fixture
-def fake_openai():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 def openai_resources(resources, fake, **overrides) -> dict:

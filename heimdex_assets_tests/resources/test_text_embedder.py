@@ -19,16 +19,9 @@ from heimdex_assets.resources.text_embedder import (
 from heimdex_assets.runs import FORCE_TAG
 from heimdex_assets.tokens import count_tokens
 from heimdex_assets_tests.conftest import materialize_videos
-from heimdex_assets_tests.fake_openai import FakeOpenAI, fake_vector
+from heimdex_assets_tests.fake_openai import fake_vector
 
 API_KEY = "sk-test-NEVER-LOG-THIS-0123456789"
-
-
-@pytest.fixture
-def fake_openai():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 def openai_embedder(fake, **overrides) -> TextEmbedder:

@@ -21,7 +21,6 @@ from heimdex_assets.spend_guard import (
     waiting_plan,
 )
 from heimdex_assets_tests.conftest import materialize_videos
-from heimdex_assets_tests.fake_openai import FakeOpenAI
 from heimdex_assets_tests.sensors.test_stale_partitions import backfill_of, tick
 
 OPENAI_MODEL = "text-embedding-3-small"
@@ -33,13 +32,6 @@ def run_resources(resources, tmp_path):
         "search_index": SearchIndex(sqlite_path=str(tmp_path / "scenes.sqlite")),
         "person_detector": OpenCvPersonDetector(),
     }
-
-
-@pytest.fixture
-def fake_openai():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
