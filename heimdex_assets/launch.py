@@ -90,8 +90,9 @@ def pack_runs(
     max_bridged: int = MAX_BRIDGED_FRESH,
 ) -> list[list[str]]:
     """``stale`` keys packed into runs, each a contiguous slice of ``ordered`` (the partitions' order, as
-    Dagster reads a range) that starts and ends with a stale key and holds about ``scenes_per_run``
-    scenes of stale work (a run holds at least one partition, however large). Between two stale keys a
+    Dagster reads a range) that starts and ends with a stale key and takes stale partitions until it holds
+    ``scenes_per_run`` scenes of stale work (its last partition may take it past: so every run but the last
+    is full, and the run count is at most the work over ``scenes_per_run``, rounded up). Between two stale keys a
     run carries at most ``max_bridged`` fresh ones, never a ``blocked`` one (another run writes it); a
     run holds at most ``max_partitions`` partitions, fresh ones included."""
     runs: list[list[str]] = []
@@ -100,14 +101,13 @@ def pack_runs(
     work = 0
     for key in ordered:
         if key in stale:
-            weight = max(1, weights.get(key, 0))
-            too_big = work + weight > scenes_per_run
+            too_big = work >= scenes_per_run
             too_long = max_partitions is not None and len(current) + len(gap) + 1 > max_partitions
             if current and (too_big or too_long or len(gap) > max_bridged):
                 runs.append(current)
                 current, work = [], 0
             current += [*gap, key] if current else [key]
-            gap, work = [], work + weight
+            gap, work = [], work + max(1, weights.get(key, 0))
         elif current and key not in blocked:
             gap.append(key)
         elif current:  # a partition another run writes ends this run

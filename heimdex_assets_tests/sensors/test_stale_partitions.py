@@ -283,6 +283,20 @@ def test_pack_runs_counts(stale_every, per_run, cap, expected_runs):
         assert run == order[order.index(run[0]) : order.index(run[-1]) + 1]  # contiguous: one Dagster range
 
 
+@pytest.mark.parametrize("stale_every", [1, 10])
+def test_pack_runs_of_uneven_videos_are_full_but_the_last(stale_every):
+    """Videos of 5-35 scenes: each run takes stale videos until it holds the scenes asked for, so the run
+    count is the work over the run size, rounded up (at most 20 runs for 1,000 videos of 20 scenes on average)."""
+    order = [f"v{i:05d}" for i in range(1000 * stale_every)]
+    weights = {k: 5 + (i * 7919) % 31 for i, k in enumerate(order)}
+    stale = set(order[::stale_every])
+    work = sum(weights[k] for k in stale)
+    runs = pack_runs(order, stale, weights, 1000)
+    assert len(runs) == -(-work // 1000) <= 20
+    held = [sum(weights[k] for k in run if k in stale) for run in runs]
+    assert all(1000 <= h < 1000 + 35 for h in held[:-1]) and sum(held) == work
+
+
 def test_pack_runs_never_carries_a_partition_another_run_writes():
     order = [f"v{i}" for i in range(6)]
     runs = pack_runs(order, {"v0", "v2", "v4"}, {}, 100, blocked={"v3"})
