@@ -184,7 +184,7 @@ def record_plan(
         current = waiting_plan(conn)
         if current is not None and current.fingerprint == fp:
             return current, False
-        conn.execute(update(reprocess_plans).where(reprocess_plans.c.status == "waiting").values(status="superseded"))
+        supersede_waiting(conn)
     row = conn.execute(
         reprocess_plans.insert()
         .values(
@@ -204,6 +204,11 @@ def record_plan(
         .returning(*reprocess_plans.c)
     ).one()
     return _stored(row), True
+
+
+def supersede_waiting(conn: Connection) -> None:
+    """The plan waiting, if any, no longer stands for what is stale (a newer plan does, or one started)."""
+    conn.execute(update(reprocess_plans).where(reprocess_plans.c.status == "waiting").values(status="superseded"))
 
 
 def waiting_plan(conn: Connection) -> StoredPlan | None:

@@ -439,19 +439,14 @@ class RemoteClip:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
             try:
                 response = self._client.request(method, self.url + path, content=content, headers=headers)
-            except httpx.TimeoutException as exc:
-                if type(exc).__name__ in RETRIED_AFTER:
-                    failure = type(exc).__name__
-                    continue
-                raise ClipServerUnavailableError(
-                    f"CLIP server {self.where} did not answer {method} {path} in time ({type(exc).__name__})"
-                ) from None
             except httpx.HTTPError as exc:
-                if type(exc).__name__ in RETRIED_AFTER:
-                    failure = type(exc).__name__
+                failure = type(exc).__name__
+                if failure in RETRIED_AFTER:
                     continue
+                what = "did not answer" if isinstance(exc, httpx.TimeoutException) else "failed on"
+                timely = " in time" if isinstance(exc, httpx.TimeoutException) else ""
                 raise ClipServerUnavailableError(
-                    f"CLIP server {self.where} failed on {method} {path} ({type(exc).__name__})"
+                    f"CLIP server {self.where} {what} {method} {path}{timely} ({failure})"
                 ) from None
             if response.status_code == 503:
                 failure = f"503: {_error_of(response)}"

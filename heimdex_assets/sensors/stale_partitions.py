@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
-from sqlalchemy import text
 
 from heimdex_assets.assets import DERIVED_ASSETS
 from heimdex_assets.launch import (
@@ -42,7 +41,7 @@ from heimdex_assets.reprocess import (
     plan_tags,
 )
 from heimdex_assets.resources import AppDatabase, ClipEmbedder, OpenCvPersonDetector, SearchIndex, TextEmbedder
-from heimdex_assets.spend_guard import SpendCeiling, judge, lock_guard, record_plan
+from heimdex_assets.spend_guard import SpendCeiling, judge, lock_guard, record_plan, supersede_waiting
 from heimdex_assets.steps import step_for_asset
 
 MAX_BACKFILLS_PER_TICK = 200
@@ -255,7 +254,7 @@ def stale_partitions_sensor(
         if left:
             estimate_openai(conn, launched, models)
         # What starts now replaces any plan still waiting: this is the stale set as it stands.
-        conn.execute(text("UPDATE reprocess_plans SET status = 'superseded' WHERE status = 'waiting'"))
+        supersede_waiting(conn)
         record_plan(conn, launched, created_by=SENSOR_NAME, status="launched", reason=verdict.reason)
     context.log.info(
         f"{len(launches)} backfills over {sum(lc.stale for lc in launches)} stale partitions "
